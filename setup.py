@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cachedit",
+    version="0.1.0",
+    description="A torch.compile backend that step-caches diffusion transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cachedit", "cachedit.*"]),
+    include_package_data=True,
+    package_data={"cachedit": ["assets/**/*"]},
+    install_requires=[
+        "torch>=2.11",
+        "diffusers>=0.36",
+        "packaging",
+        "safetensors",
+        "tqdm",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "hypothesis",
+            "triton",
+            # Reference implementation for decision-parity tests only; never imported by cachedit.
+            "cache-dit==1.5.3",
+        ],
+    },
+    entry_points={
+        "torch_dynamo_backends": ["cachedit = cachedit.backend:cachedit_backend"],
+        "console_scripts": ["cachedit = cachedit.__main__:main"],
+    },
+)
