@@ -1,5 +1,12 @@
-"""cachedit: a torch.compile backend that step-caches diffusion transformers."""
+"""cachedit: a torch.compile backend that step-caches diffusion transformers.
 
+    torch.compile(transformer, backend="cachedit")          # env vars / options configure it
+    cachedit.enable(pipe, Fn=1, threshold=0.12)             # diffusers one-liner
+    with cachedit.request(transformer, num_inference_steps=28): ...
+    cachedit.stats(transformer); print(cachedit.explain(transformer))
+"""
+
+from cachedit.api import enable, explain, request, stats
 from cachedit.config import CacheditConfig
 
-__all__ = ["CacheditConfig"]
+__all__ = ["CacheditConfig", "enable", "explain", "request", "stats"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -114,18 +115,22 @@ class CacheditConfig:
                 )
             name = by_env[key]
             values[name] = _coerce(name, raw, _field_type(name), key)
-        # Validate the combination now so the error names the environment, not a later dataclass call.
-        try:
-            cls(**values)
-        except ValueError as err:
-            raise ValueError(f"invalid CACHEDIT_* environment: {err}") from None
+        # Validate now so the error names the variable, not a later dataclass call.
+        for name, value in values.items():
+            try:
+                cls(**{name: value})
+            except ValueError as err:
+                raise ValueError(f"{ENV_PREFIX + name.upper()}={environ[ENV_PREFIX + name.upper()]!r}: {err}") from None
         return values
 
     @classmethod
     def resolve(
         cls, options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
     ) -> "CacheditConfig":
-        """explicit options > ``options["config"]`` > environment > defaults."""
+        """explicit options > ``options["config"]`` > environment > defaults.
+
+        ``environ`` defaults to ``os.environ``, read here when a model is compiled and nowhere else.
+        """
         options = dict(options or {})
         base = options.pop("config", None)
         if base is not None and not isinstance(base, CacheditConfig):
@@ -141,7 +146,7 @@ class CacheditConfig:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown cachedit option {k!r}; accepted options: {', '.join(names)}.{hint}")
         if base is None:
-            base = cls(**cls.from_env(environ if environ is not None else {}))
+            base = cls(**cls.from_env(os.environ if environ is None else environ))
         return dataclasses.replace(base, **options) if options else base
 
 

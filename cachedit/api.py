@@ -1,0 +1,67 @@
+"""The user-facing verbs: ``request``, ``stats``, ``explain`` (and ``enable`` for diffusers)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from cachedit.runtime import registry
+from cachedit.runtime.step_cache import RequestStats, open_request
+
+
+def _module(model: Any) -> torch.nn.Module:
+    """The user's module behind ``model``: an nn.Module, a torch.compile result, or a pipeline."""
+    if hasattr(model, "transformer") and isinstance(getattr(model, "transformer"), torch.nn.Module):
+        model = model.transformer  # a diffusers pipeline
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"expected a torch.nn.Module, the result of torch.compile(module), or a diffusers pipeline; "
+            f"got {type(model).__name__}"
+        )
+    return model
+
+
+def _param_ids(model: Any) -> frozenset[int]:
+    return frozenset(id(p) for p in _module(model).parameters())
+
+
+def _graphs(model: Any) -> list[registry.CompiledGraph]:
+    return registry.lookup(_param_ids(model))
+
+
+@contextlib.contextmanager
+def request(model: Any, num_inference_steps: int | None = None) -> Iterator[None]:
+    """Mark one generation on ``model``: every call inside is a step of one new request.
+
+    Without it, cachedit detects requests from the timestep input (Note [Requests and branches]).
+    The context is per thread (and per asyncio task), so concurrent requests stay apart.
+    """
+    if num_inference_steps is not None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps={num_inference_steps!r}; expected a positive int or None")
+    with open_request(_param_ids(model), num_inference_steps):
+        yield
+
+
+def stats(model: Any) -> list[RequestStats]:
+    """One record per request on ``model`` (every compiled graph of it), oldest first."""
+    records = [r for g in _graphs(model) if g.cache is not None for r in g.cache.records]
+    return sorted(records, key=lambda r: r.id)
+
+
+def explain(model: Any) -> str:
+    """What the backend found and did for each compiled graph of ``model``."""
+    graphs = _graphs(model)
+    if not graphs:
+        return f"{type(_module(model)).__name__}: not compiled with backend='cachedit' yet (call it once first)"
+    return "\n".join(g.describe() for g in graphs)
+
+
+def enable(pipe: Any, config: Any = None, **options: Any) -> Any:
+    """Compile ``pipe.transformer`` with the cachedit backend; each ``pipe(...)`` call is one request."""
+    from cachedit.integrations.diffusers import enable as _enable
+
+    return _enable(pipe, config, **options)

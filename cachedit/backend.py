@@ -1,0 +1,124 @@
+"""The ``cachedit`` torch.compile backend.
+
+Note [cachedit backend]
+~~~~~~~~~~~~~~~~~~~~~~~
+Background: Dynamo hands a backend one FX graph of the whole forward, with parameters as inputs and
+``nn_module_stack`` on every node. Like Dynamo's DDPOptimizer we cut that graph into parts, compile
+each part with an inner compiler, and return a stitched module; between the parts runs the step-cache
+gate, plain Python, so cached and computed steps share one compiled artefact (no graph break, no
+recompile).
+
+Algorithm:
+  1. Resolve the configuration (options > CACHEDIT_* environment > defaults).
+  2. ``find_block_chain`` -> ``insert_step_cache_gate`` (Note [Step-cache split]).
+  3. Compile ``head``, ``middle`` and ``tail`` with the inner compiler on fake example inputs taken
+     from each part's placeholders.
+  4. File the result under the model's parameters for ``stats``/``explain``/``request``.
+Any graph the passes cannot handle is compiled whole by the inner compiler, and the reason is logged
+once: a model is never left uncompiled or wrong because of us.
+
+Debugging: ``CACHEDIT_INNER=eager`` runs the parts eagerly (bitwise equal to eager when nothing is
+cached); ``CACHEDIT_LOG=debug`` logs every decision; ``cachedit.explain(model)`` prints the split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch._dynamo.backends.registry import lookup_backend
+
+from cachedit.config import CacheditConfig
+from cachedit.fxpasses.block_chain import NoChain, find_block_chain
+from cachedit.fxpasses.step_cache_gate import insert_step_cache_gate
+from cachedit.runtime import registry
+from cachedit.runtime.step_cache import Gate, Reuse, StepCache
+
+log = logging.getLogger("cachedit")
+_logged: set[str] = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, message)
+
+
+class CompiledPart(torch.nn.Module):
+    """One part of the split graph after the inner compiler; keeps the graph for printing."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, compiled: Callable):
+        super().__init__()
+        self.graph_module = graph_module
+        self.compiled = compiled
+
+    def forward(self, *args):
+        return self.compiled(*args)
+
+
+def _example_inputs(part: torch.fx.GraphModule) -> list[Any]:
+    return [n.meta["example_value"] for n in part.graph.nodes if n.op == "placeholder"]
+
+
+def cachedit_backend(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, **_: Any
+) -> Callable:
+    """torch.compile backend: ``torch.compile(model, backend="cachedit", options={...})``."""
+    config = CacheditConfig.resolve(options)
+    log.setLevel(config.log.value.upper())
+    inner = lookup_backend(config.inner.value)
+    param_ids = [id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    record = registry.CompiledGraph(config=config)
+    registry.register(param_ids, record)
+    start = time.perf_counter()
+
+    def uncached(reason: str) -> Callable:
+        record.declined = reason
+        _log_once(logging.WARNING if not config.disable else logging.INFO, f"cachedit: running uncached: {reason}")
+        compiled = inner(gm, example_inputs)
+        record.compile_seconds = time.perf_counter() - start
+        return _Keep(compiled, record)
+
+    if config.disable:
+        return uncached("disabled by configuration (CACHEDIT_DISABLE / disable=True)")
+    try:
+        chain = find_block_chain(gm)
+        record.chain, record.lists = chain.describe(), chain.lists
+        cache = StepCache(config, owner_key=param_ids[0] if param_ids else id(gm))
+        top, layout = insert_step_cache_gate(
+            gm,
+            chain,
+            config.Fn,
+            config.Bn,
+            make_gate=lambda layout: Gate(cache),
+            make_reuse=lambda layout: Reuse(cache, layout.residual_of),
+        )
+    except NoChain as reason:
+        return uncached(str(reason))
+    except Exception as err:  # a pass failed on a graph we did not foresee: never break the user's compile
+        log.debug("cachedit: pass failed", exc_info=True)
+        return uncached(f"the step-cache split failed ({type(err).__name__}: {err})")
+    record.layout, record.cache = layout, cache
+    for name in ("head", "middle", "tail"):
+        part = getattr(top, name, None)
+        if part is not None:
+            setattr(top, name, CompiledPart(part, inner(part, _example_inputs(part))))
+    top.cachedit_record = record  # the top module owns the record (the registry holds it weakly)
+    record.compile_seconds = time.perf_counter() - start
+    _log_once(logging.INFO, f"cachedit: step-cached {chain.describe()}: {layout.describe()}")
+    return top
+
+
+class _Keep:
+    """A plain compiled function that also keeps its ``CompiledGraph`` record alive."""
+
+    def __init__(self, compiled: Callable, record: registry.CompiledGraph):
+        self.compiled = compiled
+        self.cachedit_record = record
+
+    def __call__(self, *args):
+        return self.compiled(*args)

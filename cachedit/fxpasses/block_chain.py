@@ -1,0 +1,199 @@
+"""Find the chain of transformer blocks in a Dynamo graph (an analysis: it never mutates the graph).
+
+Note [Block chain]
+~~~~~~~~~~~~~~~~~~
+Background: Dynamo records, on every node, the stack of modules whose ``forward`` produced it
+(``meta["nn_module_stack"]``). A transformer block is a child of an ``nn.ModuleList`` whose items are
+repeated modules of one class, so the blocks can be found without knowing the model.
+
+Algorithm:
+  1. Parse each node's module stack into a dotted path (``single_transformer_blocks.1.attn``); the
+     outermost ``<list>.<int>`` prefix whose item class is not a torch builtin names the node's block.
+  2. A list is a candidate when it has at least two items of one class whose node ranges do not
+     interleave (block i ends before block i + 1 starts).
+  3. The chain starts as the candidate with the most blocks and grows to an adjacent list when the two
+     are *joined*: the first block of the later list consumes outputs of the last block of the earlier
+     one directly, takes nothing else that depends on the earlier list, and those outputs feed nothing
+     but the later list. Flux's double then single blocks are joined; text refiners (HunyuanVideo,
+     Z-Image, Lumina2), whose output is concatenated with the image stream before the main blocks,
+     are not.
+
+Debugging: ``cachedit.explain(model)`` prints the lists found and why each was or was not chained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch.fx
+
+_PATH_TOKEN = re.compile(r"\['([^']*)'\]|\.?([A-Za-z_][A-Za-z_0-9]*|\d+)")
+_SKIP_TOKENS = {"L", "self", "__dict__", "_modules", "_parameters", "_buffers"}
+
+
+class NoChain(Exception):
+    """The graph has no usable block chain; the message is the reason the backend logs."""
+
+
+def module_path(node: torch.fx.Node) -> tuple[str, ...]:
+    """The innermost module path of ``node`` as name components; ``()`` for top-level code.
+
+    This is the one place that parses Dynamo's ``nn_module_stack`` format (an internal detail), e.g.
+    ``"L['self'].__dict__['_modules']['single_transformer_blocks'].1.attn"`` ->
+    ``("single_transformer_blocks", "1", "attn")``.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ()
+    path, _cls = list(stack.values())[-1]
+    return _parse_path(path)
+
+
+def _parse_path(path: str) -> tuple[str, ...]:
+    tokens = [a or b for a, b in _PATH_TOKEN.findall(path)]
+    return tuple(t for t in tokens if t not in _SKIP_TOKENS)
+
+
+def _module_classes(node: torch.fx.Node) -> dict[tuple[str, ...], type]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return {_parse_path(path): cls for path, cls in stack.values()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One block: ``list_path[index]``, occupying graph node positions ``first..last``."""
+
+    list_path: str
+    index: int
+    cls_name: str
+    first: int
+    last: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.list_path}.{self.index}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockChain:
+    """The blocks that run in sequence on the carried state, in execution order."""
+
+    blocks: tuple[Block, ...]
+    # node name -> position of its block in ``blocks``; nodes outside the chain are absent
+    block_of: dict[str, int]
+    # every candidate list seen, with the reason it is or is not in the chain
+    lists: tuple[tuple[str, int, str], ...]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def list_paths(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.list_path for b in self.blocks))
+
+    def describe(self) -> str:
+        counts = {p: sum(b.list_path == p for b in self.blocks) for p in self.list_paths}
+        return " -> ".join(f"{p}[{n}]" for p, n in counts.items())
+
+
+def _block_key(node: torch.fx.Node) -> tuple[str, int, str] | None:
+    """(list path, index, block class name) of the outermost list item containing ``node``."""
+    path = module_path(node)
+    classes = _module_classes(node)
+    for i in range(1, len(path)):
+        if path[i].isdigit():
+            cls = classes.get(path[: i + 1])
+            if cls is None or cls.__module__.startswith("torch."):
+                continue  # a list of builtin layers (Linear, Dropout, ...), not blocks
+            return ".".join(path[:i]), int(path[i]), cls.__qualname__
+    return None
+
+
+def find_block_chain(gm: torch.fx.GraphModule) -> BlockChain:
+    """Return the block chain of ``gm``; raises ``NoChain`` with a reason when there is none.
+
+    Invariant: the graph is not modified.
+    """
+    nodes = list(gm.graph.nodes)
+    spans: dict[str, dict[int, list]] = {}  # list path -> index -> [cls, first, last]
+    node_block: dict[torch.fx.Node, tuple[str, int]] = {}
+    for i, node in enumerate(nodes):
+        if node.op in ("placeholder", "output"):
+            continue
+        key = _block_key(node)
+        if key is None:
+            continue
+        lst, idx, cls = key
+        span = spans.setdefault(lst, {}).setdefault(idx, [cls, i, i])
+        span[2] = i
+        node_block[node] = (lst, idx)
+
+    candidates: dict[str, list[Block]] = {}
+    verdicts: dict[str, str] = {}
+    for lst, items in spans.items():
+        blocks = [Block(lst, idx, cls, first, last) for idx, (cls, first, last) in sorted(items.items())]
+        if len(blocks) < 2:
+            verdicts[lst] = "fewer than two blocks"
+        elif len({b.cls_name for b in blocks}) > 1:
+            verdicts[lst] = "items of different classes"
+        elif any(a.last >= b.first for a, b in zip(blocks, blocks[1:])):
+            verdicts[lst] = "blocks interleave or run out of order"
+        else:
+            candidates[lst] = blocks
+    if not candidates:
+        found = ", ".join(f"{k} ({v})" for k, v in verdicts.items()) or "none"
+        raise NoChain(f"no nn.ModuleList of repeated blocks found in the graph (lists seen: {found})")
+
+    order = sorted(candidates, key=lambda lst: candidates[lst][0].first)
+    main = max(order, key=lambda lst: len(candidates[lst]))  # ties: the earliest list
+    chain = [main]
+    k = order.index(main)
+    while k > 0 and _joined(candidates[order[k - 1]], candidates[order[k]], nodes, node_block):
+        k -= 1
+        chain.insert(0, order[k])
+    k = order.index(main)
+    while k + 1 < len(order) and _joined(candidates[order[k]], candidates[order[k + 1]], nodes, node_block):
+        k += 1
+        chain.append(order[k])
+    for lst in order:
+        verdicts[lst] = "in the chain" if lst in chain else "not joined to the main list"
+
+    blocks = tuple(b for lst in chain for b in candidates[lst])
+    index_of = {(b.list_path, b.index): i for i, b in enumerate(blocks)}
+    block_of = {n.name: index_of[key] for n, key in node_block.items() if key in index_of}
+    lists = tuple((lst, len(spans[lst]), verdicts[lst]) for lst in spans)
+    return BlockChain(blocks=blocks, block_of=block_of, lists=lists)
+
+
+def _joined(
+    earlier: list[Block],
+    later: list[Block],
+    nodes: list[torch.fx.Node],
+    node_block: dict[torch.fx.Node, tuple[str, int]],
+) -> bool:
+    """Whether ``later`` continues the carried state of ``earlier`` (see Note [Block chain])."""
+    last, first = earlier[-1], later[0]
+    if last.last >= first.first:
+        return False
+    in_last = lambda n: node_block.get(n) == (last.list_path, last.index)  # noqa: E731
+    in_first = lambda n: node_block.get(n) == (first.list_path, first.index)  # noqa: E731
+    in_later = lambda n: node_block.get(n, ("",))[0] == first.list_path  # noqa: E731
+    # values flowing out of the last earlier block must feed only the later list
+    outputs = [n for n in nodes[last.first : last.last + 1] if in_last(n) and any(not in_last(u) for u in n.users)]
+    if not outputs or any(not in_later(u) for n in outputs for u in n.users if not in_last(u)):
+        return False
+    # ... and the first later block must take them directly, and nothing else derived from ``earlier``
+    depends = _depends_on_span(nodes, earlier[0].first, last.last)
+    inputs = {a for n in nodes[first.first : first.last + 1] if in_first(n) for a in n.all_input_nodes if not in_first(a)}
+    fed = [a for a in inputs if a in outputs]
+    return bool(fed) and all(a in outputs or not depends(a) for a in inputs)
+
+
+def _depends_on_span(nodes: list[torch.fx.Node], lo: int, hi: int):
+    """A predicate: does a node depend (transitively) on any node at positions lo..hi?"""
+    dependent: set[torch.fx.Node] = set()
+    for pos, node in enumerate(nodes):  # nodes are in topological order
+        if lo <= pos <= hi or (pos > hi and any(a in dependent for a in node.all_input_nodes)):
+            dependent.add(node)
+    return dependent.__contains__

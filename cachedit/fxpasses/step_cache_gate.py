@@ -1,0 +1,274 @@
+"""Split a Dynamo graph around its block chain and put a step-cache gate between the parts.
+
+Note [Step-cache split]
+~~~~~~~~~~~~~~~~~~~~~~~
+Background: DBCache always runs the first ``Fn`` blocks (the head), decides from their residual
+whether the middle blocks must run, and always runs the last ``Bn`` blocks (the tail). We cut the one
+Dynamo graph into three graphs at those block boundaries, so each is compiled on its own and plain
+Python between them decides; the model's forward is never patched and nothing breaks the graph.
+
+Algorithm:
+  1. Assign nodes by position: before block ``Fn`` -> head, before block ``N - Bn`` -> middle, the
+     rest -> tail. Middle-range nodes that depend on no middle block (an invariant computed lazily
+     between block lists) are hoisted into the head, so a skipped middle never starves the tail.
+  2. Values crossing head -> middle are *carried* (they depend on a chain block: the streams) or
+     *invariants* (time embedding, rotary tables, masks). Every middle output must match a carried
+     input by shape and dtype: the middle also returns ``output - input`` for it, the residual that a
+     cached step adds to fresh head output.
+  3. The *primary* stream is the one the epilogue consumes after the chain (Flux: the image tokens).
+     The head also returns its residual ``primary after block Fn-1 - primary entering block 0``,
+     which the gate compares against the last computed step.
+
+Before / after (printed):
+    x = embed(inp); x = block0(x); x = block1(x); x = block2(x); out = proj(x)
+  ->
+    head = self.head(inp, ...);  h = head[0];  r = head[1]
+    cachedit_gate = self.cachedit_gate(r, timestep)
+    middle = self.middle
+    cachedit_reuse = self.cachedit_reuse(cachedit_gate, middle, h, ...)
+    tail = self.tail(cachedit_reuse[0], ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from collections.abc import Callable
+
+import torch
+import torch.fx
+
+from cachedit.fxpasses.block_chain import BlockChain, NoChain
+
+_TIMESTEP_NAME = re.compile(r"^l_(?:kwargs_)?(timesteps?|t|sigmas?)_$")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCacheLayout:
+    """How the parts connect: what the gate and the reuse node need to know about the split."""
+
+    fn: int
+    bn: int
+    chain_len: int
+    carried: tuple[str, ...]  # middle inputs 0..len-1: the streams entering the middle
+    carried_shapes: tuple[tuple[int, ...], ...]
+    invariants: tuple[str, ...]  # head values the middle reads that do not change across blocks
+    residual_of: tuple[int, ...]  # middle output j is a residual of carried input residual_of[j]
+    primary: int  # index into carried of the stream whose head residual drives the decision
+    timestep: str | None  # the graph input read to detect requests and CFG pairs
+    part_sizes: dict[str, int]  # nodes per part, for explain and tests
+
+    def describe(self) -> str:
+        carried = ", ".join(f"{n}{list(s)}" for n, s in zip(self.carried, self.carried_shapes))
+        return (
+            f"split F{self.fn}B{self.bn} of {self.chain_len} blocks; parts {self.part_sizes}; "
+            f"carried: {carried}; primary: {self.carried[self.primary]}; "
+            f"invariants: {', '.join(self.invariants) or 'none'}; timestep input: {self.timestep or 'none'}"
+        )
+
+
+def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The graph input holding the denoising timestep, by name, else the first 0/1-d float input."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        if _TIMESTEP_NAME.match(node.name):
+            return node
+    for node in placeholders:
+        value = node.meta.get("example_value")
+        is_param = "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {})
+        if isinstance(value, torch.Tensor) and not is_param and value.is_floating_point() and value.dim() <= 1:
+            return node
+    return None
+
+
+def insert_step_cache_gate(
+    gm: torch.fx.GraphModule,
+    chain: BlockChain,
+    fn: int,
+    bn: int,
+    make_gate: Callable[[StepCacheLayout], torch.nn.Module],
+    make_reuse: Callable[[StepCacheLayout], torch.nn.Module],
+) -> tuple[torch.fx.GraphModule, StepCacheLayout]:
+    """Return a top-level GraphModule: ``head`` -> ``cachedit_gate`` -> ``cachedit_reuse(middle)`` -> ``tail``.
+
+    Invariant: with the gate always computing, the top-level module computes exactly what ``gm`` does
+    (the same nodes run in the same order; only the residual subtractions are added).
+    Raises ``NoChain`` when the chain cannot be split at ``fn``/``bn``; ``gm`` is never modified.
+    """
+    n_blocks = len(chain)
+    if fn + bn >= n_blocks:
+        raise NoChain(
+            f"Fn={fn} + Bn={bn} leaves no middle block to cache in a chain of {n_blocks} blocks "
+            f"({chain.describe()}); lower Fn or Bn so that Fn + Bn < {n_blocks}"
+        )
+    nodes = list(gm.graph.nodes)
+    cut_a = chain.blocks[fn].first
+    cut_b = chain.blocks[n_blocks - bn].first if bn else chain.blocks[-1].last + 1
+
+    part: dict[torch.fx.Node, str] = {}
+    in_middle_block: set[torch.fx.Node] = set()
+    in_chain_block: set[torch.fx.Node] = set()
+    for pos, node in enumerate(nodes):
+        if node.op in ("placeholder", "output"):
+            part[node] = node.op
+            continue
+        block = chain.block_of.get(node.name)
+        if block is not None or any(a in in_chain_block for a in node.all_input_nodes):
+            in_chain_block.add(node)
+        if pos < cut_a:
+            part[node] = "head"
+        elif pos < cut_b:
+            middle_dep = (block is not None and fn <= block < n_blocks - bn) or any(
+                a in in_middle_block for a in node.all_input_nodes
+            )
+            if middle_dep:
+                in_middle_block.add(node)
+            part[node] = "middle" if middle_dep else "head"  # hoist invariants into the head
+        else:
+            part[node] = "tail"
+
+    def uses(src: str, dst: str) -> list[torch.fx.Node]:
+        return [n for n in nodes if part[n] == src and any(part[u] == dst for u in n.users)]
+
+    middle_in = uses("head", "middle")
+    carried = [n for n in middle_in if n in in_chain_block]
+    invariants = [n for n in middle_in if n not in in_chain_block]
+    middle_out = uses("middle", "tail") + [n for n in uses("middle", "output") if part[n] == "middle"]
+    middle_out = list(dict.fromkeys(middle_out))
+    if not carried or not middle_out:
+        raise NoChain(f"the middle blocks exchange no stream with the head and tail ({chain.describe()})")
+
+    residual_of = tuple(_match(out, carried, "a middle output", "the streams entering the middle") for out in middle_out)
+    # The primary stream: what the last block hands to the epilogue.
+    last = chain.blocks[-1]
+    final = [
+        n
+        for n in nodes[last.first : last.last + 1]
+        if chain.block_of.get(n.name) == n_blocks - 1 and any(chain.block_of.get(u.name) is None for u in n.users)
+    ]
+    if not final:
+        raise NoChain(f"the last block's output reaches no epilogue ({chain.describe()})")
+    primary = _match(final[0], carried, "the stream leaving the chain", "the streams entering the middle")
+    first = chain.blocks[0]
+    entering = [
+        a
+        for n in nodes[first.first : first.last + 1]
+        if chain.block_of.get(n.name) == 0
+        for a in n.all_input_nodes
+        if chain.block_of.get(a.name) is None
+    ]
+    entering = list(dict.fromkeys(entering))
+    h0 = entering[_match(carried[primary], entering, "the primary stream", "the values entering block 0")]
+
+    timestep = find_timestep(gm)
+    layout = StepCacheLayout(
+        fn=fn,
+        bn=bn,
+        chain_len=n_blocks,
+        carried=tuple(n.name for n in carried),
+        carried_shapes=tuple(tuple(n.meta["example_value"].shape) for n in carried),
+        invariants=tuple(n.name for n in invariants),
+        residual_of=residual_of,
+        primary=primary,
+        timestep=timestep.name if timestep is not None else None,
+        part_sizes={p: sum(v == p for v in part.values()) for p in ("head", "middle", "tail")},
+    )
+
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    head_out = uses("head", "middle") + [n for n in uses("head", "tail") if n not in middle_in]
+    head_out += [n for n in uses("head", "output") if n not in head_out]
+    head_out = list(dict.fromkeys(head_out))
+    head = _extract(
+        gm,
+        nodes,
+        part,
+        "head",
+        placeholders,
+        head_out,
+        extra=lambda g, env: [g.call_function(operator.sub, (env[carried[primary]], env[h0]))],
+    )
+    middle_inputs = carried + invariants
+    middle = _extract(
+        gm,
+        nodes,
+        part,
+        "middle",
+        middle_inputs + placeholders,
+        middle_out,
+        extra=lambda g, env: [
+            g.call_function(operator.sub, (env[out], env[carried[j]])) for out, j in zip(middle_out, residual_of)
+        ],
+        first_inputs=len(middle_inputs),
+    )
+    tail_values = middle_out + [n for n in head_out if any(part[u] == "tail" for u in n.users)]
+    tail_out_nodes = [n for n in nodes if part[n] == "tail" and any(part[u] == "output" for u in n.users)]
+    tail = _extract(gm, nodes, part, "tail", tail_values + placeholders, tail_out_nodes, first_inputs=len(tail_values))
+
+    top = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for p in placeholders:
+        env[p] = top.placeholder(p.name)
+        env[p].meta = dict(p.meta)
+    *head_values, residual = _call_part(top, "head", head, env)
+    env.update(zip(head_out, head_values))
+    gate = top.call_module("cachedit_gate", (residual, env[timestep] if timestep is not None else None))
+    reuse = top.call_module("cachedit_reuse", (gate, top.get_attr("middle"), *(env[n] for n in middle[1])))
+    for j, out in enumerate(middle_out):
+        env[out] = top.call_function(operator.getitem, (reuse, j))
+    if tail_out_nodes:
+        env.update(zip(tail_out_nodes, _call_part(top, "tail", tail, env)))
+    (out_node,) = [n for n in nodes if n.op == "output"]
+    top.output(torch.fx.map_arg(out_node.args[0], lambda a: env[a]))
+
+    modules = {"head": head[0], "middle": middle[0], "cachedit_gate": make_gate(layout), "cachedit_reuse": make_reuse(layout)}
+    if tail_out_nodes:
+        modules["tail"] = tail[0]
+    result = torch.fx.GraphModule(modules, top, class_name="CacheditStepCached")
+    result.graph.lint()
+    result.recompile()
+    return result, layout
+
+
+def _match(value: torch.fx.Node, candidates: list[torch.fx.Node], what: str, among: str) -> int:
+    """Index of the candidate with ``value``'s shape and dtype (the first one on a tie)."""
+    v = value.meta.get("example_value")
+    for i, c in enumerate(candidates):
+        e = c.meta.get("example_value")
+        if isinstance(v, torch.Tensor) and isinstance(e, torch.Tensor) and v.shape == e.shape and v.dtype == e.dtype:
+            return i
+    shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+    raise NoChain(f"{what} {value.name} {shape} matches none of {among} by shape and dtype")
+
+
+def _extract(gm, nodes, part, name, inputs, outputs, extra=None, first_inputs=None):
+    """Copy the nodes of one part into a new GraphModule taking ``inputs`` and returning ``outputs``.
+
+    Of ``inputs``, the first ``first_inputs`` are always kept (the cross-part values, in a fixed order);
+    graph placeholders after them are kept only when the part uses them.
+    """
+    members = [n for n in nodes if part[n] == name]
+    used = {a for n in members for a in n.all_input_nodes}
+    keep = first_inputs if first_inputs is not None else 0
+    chosen = [n for i, n in enumerate(inputs) if i < keep or n in used]
+    g = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in chosen:
+        env[n] = g.placeholder(n.name)
+        env[n].meta = dict(n.meta)
+    for n in members:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    results = [env[o] for o in outputs] + (extra(g, env) if extra else [])
+    g.output(tuple(results))
+    module = torch.fx.GraphModule(gm, g, class_name=f"Cachedit{name.capitalize()}")
+    module.graph.lint()
+    module.recompile()
+    return module, chosen
+
+
+def _call_part(top, name, extracted, env) -> list[torch.fx.Node]:
+    """Call part ``name`` on its inputs and return one ``getitem`` node per output."""
+    module, inputs = extracted
+    call = top.call_module(name, tuple(env[n] for n in inputs))
+    n_out = len(module.graph.find_nodes(op="output")[0].args[0])
+    return [top.call_function(operator.getitem, (call, i)) for i in range(n_out)]

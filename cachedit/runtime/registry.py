@@ -1,0 +1,64 @@
+"""Which compiled graphs belong to which model, for ``cachedit.stats``/``explain``/``request``.
+
+The backend never sees the module, only its parameters (Dynamo lifts them as graph inputs), so a
+compiled graph is filed under the ids of its parameters. Entries hold weak references: the compiled
+module owns its ``CompiledGraph``, and a graph dropped by Dynamo disappears from here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import weakref
+from typing import Any
+
+_lock = threading.Lock()
+_by_param: dict[int, list[weakref.ref]] = {}
+_order = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class CompiledGraph:
+    """What the backend did with one Dynamo graph: the parts, the chain, or why it declined."""
+
+    config: Any
+    chain: str | None = None
+    lists: tuple = ()
+    layout: Any = None
+    declined: str | None = None
+    cache: Any = None  # the StepCache, when the graph is step-cached
+    compile_seconds: float = 0.0
+    order: int = dataclasses.field(default_factory=lambda: next(_order))
+
+    def describe(self) -> str:
+        lines = [f"graph #{self.order} (inner: {self.config.inner.value})"]
+        for path, count, verdict in self.lists:
+            lines.append(f"  block list {path} [{count}]: {verdict}")
+        if self.chain:
+            lines.append(f"  chain: {self.chain}")
+        if self.layout is not None:
+            lines.append(f"  {self.layout.describe()}")
+        if self.declined:
+            lines.append(f"  not step-cached: {self.declined}")
+        return "\n".join(lines)
+
+
+def register(param_ids: list[int], compiled: CompiledGraph) -> None:
+    with _lock:
+        for pid in param_ids:
+            refs = _by_param.setdefault(pid, [])
+            refs[:] = [r for r in refs if r() is not None]
+            refs.append(weakref.ref(compiled))
+
+
+def lookup(param_ids) -> list[CompiledGraph]:
+    """The live compiled graphs filed under any of ``param_ids``, oldest first, each once."""
+    found: dict[int, CompiledGraph] = {}
+    with _lock:
+        for pid in param_ids:
+            for ref in _by_param.get(pid, ()):
+                graph = ref()
+                if graph is not None:
+                    found[id(graph)] = graph
+    return sorted(found.values(), key=lambda g: g.order)
