@@ -24,13 +24,14 @@ import contextvars
 import dataclasses
 import itertools
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
 
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
 from cachedit.config import CacheditConfig, CfgMode
-from cachedit.runtime import policy, registry
+from cachedit.runtime import policy
 
 MAX_RECORDS = 256  # request records kept per compiled graph for ``cachedit.stats``
 _request_ids = itertools.count()
@@ -92,13 +93,14 @@ class _Request:
         return self.branches[index]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class RequestToken:
     """An explicit request opened by ``cachedit.request``; applies to the caches of one model."""
 
     owner: frozenset[int]  # ids of the model's parameters
     num_inference_steps: int | None
     id: int = dataclasses.field(default_factory=lambda: next(_request_ids))
+    users: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)  # caches holding its state
 
 
 _ACTIVE: contextvars.ContextVar[RequestToken | None] = contextvars.ContextVar("cachedit_request", default=None)
@@ -112,9 +114,8 @@ def open_request(owner: frozenset[int], num_inference_steps: int | None) -> Iter
         yield token
     finally:
         _ACTIVE.reset(reset)
-        for compiled in registry.lookup(owner):
-            if compiled.cache is not None:
-                compiled.cache.close(token)
+        for cache in list(token.users):
+            cache.close(token)
 
 
 class StepCache:
@@ -196,6 +197,7 @@ class StepCache:
         if token is not None:
             if req is None:
                 req = self._explicit[token.id] = self._new_request("explicit", token.num_inference_steps)
+                token.users.add(self)
         elif self._starts_new(req, t):
             req = self._local.request = self._new_request("timestep" if t is not None else "call", None)
         if req.step >= 0 and self._is_pair(req, t):

@@ -1,0 +1,133 @@
+"""Request detection, CFG branches, diffs and thread isolation of the StepCache (no graph needed)."""
+
+import threading
+
+import pytest
+import torch
+
+import cachedit
+from cachedit.config import CacheditConfig
+from cachedit.runtime.step_cache import StepCache, open_request
+
+
+def make(**kw):
+    kw = {"Fn": 1, "threshold": 0.5, "warmup_steps": 1, **kw}
+    return StepCache(CacheditConfig(**kw), owner_key=12345)
+
+
+def call(cache, t, value=1.0):
+    """One transformer call: head residual filled with ``value`` at timestep ``t``."""
+    residual = torch.full((2, 5), float(value))
+    ts = None if t is None else torch.tensor([float(t), float(t)])
+    decision, _ = cache.gate(residual, ts)
+    return decision
+
+
+def test_descending_timesteps_then_a_new_request_starts_from_nothing():
+    cache = make()
+    first = [call(cache, t, v) for t, v in zip([999, 800, 600, 400], [1.0, 1.1, 1.2, 1.3])]
+    second = [call(cache, t, v) for t, v in zip([999, 800, 600, 400], [1.0, 1.1, 1.2, 1.3])]
+    assert len(cache.records) == 2
+    assert [d.step for d in first] == [d.step for d in second] == [0, 1, 2, 3]
+    # no off-by-one: the first call of the second request is a warmup step, not compared with request 1
+    assert [d.describe() for d in first] == [d.describe() for d in second]
+    assert cache.records[1].branches["main"].reasons[0] == "compute: warmup step"
+
+
+def test_ascending_timesteps_are_one_request():
+    cache = make()
+    for t in [0.0, 0.25, 0.5, 0.75]:
+        call(cache, t)
+    call(cache, 0.0)  # breaks the direction: new request
+    assert [r.steps for r in cache.records] == [4, 1]
+
+
+def test_separate_cfg_pairs_share_a_step_and_keep_separate_state():
+    cache = make(warmup_steps=0)
+    # cond residual constant (diff 0 -> cached), uncond residual jumps (diff 1.0 -> computed)
+    for k, t in enumerate([1.0, 0.8, 0.6, 0.4]):
+        call(cache, t, 1.0)
+        call(cache, t, 2.0 ** k)
+    (req,) = cache.records
+    assert req.steps == 4 and set(req.branches) == {"cond", "uncond"}
+    assert req.branches["cond"].cached_steps == [1, 2, 3]
+    assert req.branches["uncond"].computed_steps == [0, 1, 2, 3]
+    assert req.branches["uncond"].diffs == {1: 1.0, 2: 1.0, 3: 1.0}
+
+
+def test_batched_cfg_treats_a_repeated_timestep_as_a_new_request():
+    cache = make(cfg="batched")
+    call(cache, 1.0)
+    call(cache, 1.0)
+    assert [r.steps for r in cache.records] == [1, 1]
+
+
+def test_skipped_uncond_call_keeps_branches_aligned():
+    cache = make(warmup_steps=0)
+    call(cache, 1.0), call(cache, 1.0)
+    call(cache, 0.8)  # the pipeline skipped the uncond call at this step
+    call(cache, 0.6), call(cache, 0.6)
+    (req,) = cache.records
+    assert sorted(req.branches["cond"].computed_steps + req.branches["cond"].cached_steps) == [0, 1, 2]
+    assert sorted(req.branches["uncond"].computed_steps + req.branches["uncond"].cached_steps) == [0, 2]
+
+
+def test_diff_is_relative_l1_against_the_last_computed_step():
+    cache = make(threshold=0.15, warmup_steps=0)
+    values = [1.0, 1.1, 1.2, 1.35]
+    decisions = [call(cache, t, v) for t, v in zip([4, 3, 2, 1], values)]
+    # step 1: |1.0-1.1|/1.0 = 0.1 < 0.15 -> cache; step 2: still vs step 0: 0.2 -> compute;
+    # step 3: vs step 2 (1.2): 0.125 -> cache
+    assert [d.action.value for d in decisions] == ["compute", "cache", "compute", "cache"]
+    assert [round(d.diff, 6) if d.diff is not None else None for d in decisions] == [None, 0.1, 0.2, 0.125]
+
+
+def test_explicit_request_counts_steps_without_timesteps():
+    cache = make(cfg="separate")
+    owner = frozenset({12345})
+    with open_request(owner, num_inference_steps=3):
+        for _ in range(3):
+            call(cache, None), call(cache, None)  # cond, uncond by call parity
+    (req,) = cache.records
+    assert req.source == "explicit" and req.steps == 3 and req.num_inference_steps == 3
+    assert set(req.branches) == {"cond", "uncond"}
+    assert not cache._explicit, "buffers of a closed request are dropped"
+
+
+def test_num_inference_steps_bounds_a_detected_request_when_known():
+    cache = make()
+    with open_request(frozenset({999}), 2):  # a request for another model does not apply
+        call(cache, 1.0), call(cache, 0.5), call(cache, 0.25)
+    assert [r.source for r in cache.records] == ["timestep"]
+
+
+def test_request_validates_steps():
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        with cachedit.request(torch.nn.Linear(1, 1), num_inference_steps=0):
+            pass
+
+
+def test_interleaved_threads_each_get_their_own_request():
+    cache = make(warmup_steps=0, threshold=0.15)
+    alone = make(warmup_steps=0, threshold=0.15)
+    timesteps = [1.0, 0.8, 0.6, 0.4, 0.2]
+    values = {"a": [1.0, 1.05, 1.3, 1.32, 1.34], "b": [2.0, 2.5, 2.55, 2.6, 3.0]}
+    expected = {k: [call(alone, t, v).describe() for t, v in zip(timesteps, vs)] for k, vs in values.items()}
+    turns = threading.Semaphore(1), threading.Semaphore(0)
+    got = {}
+
+    def worker(name, mine, other):
+        out = []
+        for t, v in zip(timesteps, values[name]):
+            turns[mine].acquire()  # strict alternation: a0 b0 a1 b1 ...
+            out.append(call(cache, t, v).describe())
+            turns[other].release()
+        got[name] = out
+
+    threads = [threading.Thread(target=worker, args=("a", 0, 1)), threading.Thread(target=worker, args=("b", 1, 0))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    assert got == expected
+    assert sorted(r.steps for r in cache.records) == [5, 5]

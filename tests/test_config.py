@@ -1,0 +1,123 @@
+"""Configuration: precedence, parsing of every CACHEDIT_* variable, and errors that name the value."""
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachedit.config import CacheditConfig, CfgMode, Inner
+
+INT_FIELDS = {
+    "CACHEDIT_FN",
+    "CACHEDIT_BN",
+    "CACHEDIT_WARMUP_STEPS",
+    "CACHEDIT_WARMUP_INTERVAL",
+    "CACHEDIT_MAX_CACHED_STEPS",
+    "CACHEDIT_MAX_CONTINUOUS_CACHED_STEPS",
+    "CACHEDIT_ULYSSES",
+    "CACHEDIT_RING",
+}
+
+
+def test_defaults_are_cache_dit_dbcache_defaults():
+    c = CacheditConfig.resolve({}, {})
+    assert (c.Fn, c.Bn, c.threshold, c.warmup_steps, c.warmup_interval) == (8, 0, 0.08, 8, 1)
+    assert (c.max_cached_steps, c.max_continuous_cached_steps) == (-1, -1)
+    assert c.cfg is CfgMode.AUTO and c.inner is Inner.INDUCTOR and not c.disable
+
+
+def test_precedence_options_over_env_over_defaults():
+    env = {"CACHEDIT_FN": "3", "CACHEDIT_THRESHOLD": "0.2"}
+    c = CacheditConfig.resolve({"Fn": 2}, env)
+    assert c.Fn == 2 and c.threshold == 0.2 and c.Bn == 0
+
+
+def test_config_object_replaces_env_and_options_override_it():
+    base = CacheditConfig(Fn=4, threshold=0.3)
+    c = CacheditConfig.resolve({"config": base, "Bn": 1}, {"CACHEDIT_FN": "7", "CACHEDIT_WARMUP_STEPS": "2"})
+    assert (c.Fn, c.threshold, c.Bn, c.warmup_steps) == (4, 0.3, 1, 8)
+
+
+@given(
+    fn=st.integers(1, 64),
+    bn=st.integers(0, 64),
+    thr=st.floats(-1, 2, allow_nan=False),
+    warm=st.integers(0, 50),
+    interval=st.integers(1, 8),
+    m=st.integers(-1, 50),
+    mc=st.integers(-1, 50),
+    cfg=st.sampled_from(["auto", "batched", "separate", "AUTO"]),
+    disable=st.sampled_from(["1", "0", "true", "False", "yes", "off"]),
+)
+@settings(max_examples=60, deadline=None)
+def test_env_round_trip(fn, bn, thr, warm, interval, m, mc, cfg, disable):
+    env = {
+        "CACHEDIT_FN": str(fn),
+        "CACHEDIT_BN": f" {bn} ",
+        "CACHEDIT_THRESHOLD": repr(thr),
+        "CACHEDIT_WARMUP_STEPS": str(warm),
+        "CACHEDIT_WARMUP_INTERVAL": str(interval),
+        "CACHEDIT_MAX_CACHED_STEPS": str(m),
+        "CACHEDIT_MAX_CONTINUOUS_CACHED_STEPS": str(mc),
+        "CACHEDIT_CFG": cfg,
+        "CACHEDIT_DISABLE": disable,
+        "CACHEDIT_INNER": "eager",
+        "CACHEDIT_LOG": "debug",
+    }
+    c = CacheditConfig.resolve(None, env)
+    assert (c.Fn, c.Bn, c.threshold, c.warmup_steps, c.warmup_interval) == (fn, bn, thr, warm, interval)
+    assert (c.max_cached_steps, c.max_continuous_cached_steps) == (m, mc)
+    assert c.cfg is CfgMode(cfg.lower())
+    assert c.disable == (disable.lower() in {"1", "true", "yes", "on"})
+    assert c.warmup_step_set == frozenset(range(0, warm, interval))
+
+
+@pytest.mark.parametrize("var", sorted(INT_FIELDS))
+@pytest.mark.parametrize("bad", ["x", "1.5", "", "-5"])
+def test_every_int_variable_rejects_bad_values(var, bad):
+    # -5 is below every lower bound (the lowest is -1, "no limit")
+    with pytest.raises(ValueError) as err:
+        CacheditConfig.resolve(None, {var: bad})
+    assert var in str(err.value) and repr(bad) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "var,bad",
+    [
+        ("CACHEDIT_THRESHOLD", "high"),
+        ("CACHEDIT_THRESHOLD", "nan"),
+        ("CACHEDIT_CFG", "both"),
+        ("CACHEDIT_INNER", "tensorrt"),
+        ("CACHEDIT_DISABLE", "maybe"),
+        ("CACHEDIT_LOG", "loud"),
+        ("CACHEDIT_FP8_COMM", "2"),
+        ("CACHEDIT_FN", "0"),
+        ("CACHEDIT_WARMUP_INTERVAL", "0"),
+    ],
+)
+def test_every_other_variable_rejects_bad_values(var, bad):
+    with pytest.raises(ValueError) as err:
+        CacheditConfig.resolve(None, {var: bad})
+    assert var in str(err.value) and repr(bad) in str(err.value)
+
+
+def test_unknown_variable_and_option_suggest_the_right_name():
+    with pytest.raises(ValueError, match="Did you mean CACHEDIT_THRESHOLD"):
+        CacheditConfig.resolve(None, {"CACHEDIT_TRESHOLD": "0.1"})
+    with pytest.raises(ValueError, match="Did you mean 'threshold'"):
+        CacheditConfig.resolve({"treshold": 0.1}, {})
+    with pytest.raises(TypeError, match="CacheditConfig"):
+        CacheditConfig.resolve({"config": {"Fn": 1}}, {})
+
+
+def test_every_field_has_an_env_variable():
+    names = {f.name for f in dataclasses.fields(CacheditConfig)}
+    env = {f"CACHEDIT_{n.upper()}" for n in names}
+    assert set(INT_FIELDS) <= env
+    assert {"CACHEDIT_THRESHOLD", "CACHEDIT_CFG", "CACHEDIT_INNER", "CACHEDIT_DISABLE", "CACHEDIT_LOG"} <= env
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CacheditConfig().Fn = 3
