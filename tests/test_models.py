@@ -1,0 +1,128 @@
+"""The tiny model table itself: every row builds, runs and is shaped the way the suite relies on."""
+
+import functools
+import os
+
+import pytest
+import torch
+
+from tests.models import MODELS, ModelSpec, Schedule, denoise, get
+
+NAMES = sorted(MODELS)
+
+# Capturing every row twice (cold and warm) takes about four minutes on two cores: run it after an upgrade.
+CHECK_GRAPHS = os.environ.get("CACHEDIT_TEST_GRAPHS") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str) -> torch.nn.Module:
+    return get(name).build()
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _repeated_module_lists(model: torch.nn.Module) -> set[str]:
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eager_forward_matches_latent(name):
+    spec = get(name)
+    model = _model(name)
+    for batch in (1, 2):
+        kwargs = spec.inputs(spec.timesteps(10)[3], seed=0, batch=batch)
+        with torch.no_grad():
+            out = spec.out_to_latent(model(**kwargs))
+        latent = spec.latent(kwargs)
+        assert out.shape == latent.shape, f"{name}: output {tuple(out.shape)} vs latent {tuple(latent.shape)}"
+        assert torch.isfinite(out).all(), f"{name}: non-finite output"
+        assert out.std() > 0.1, f"{name}: degenerate output (std {out.std():.3g})"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_conditioning_depends_on_seed_not_timestep(name):
+    spec = get(name)
+    t0, t1 = spec.timesteps(10)[1], spec.timesteps(10)[7]
+    a, b = spec.inputs(t0, seed=3), spec.inputs(t1, seed=3)
+    assert a.keys() == b.keys()
+    for key in a:
+        if key != spec.timestep_key:
+            assert _same(a[key], b[key]), f"{name}: {key!r} changes with the timestep"
+    assert not torch.equal(a[spec.timestep_key], b[spec.timestep_key])
+    assert not torch.equal(spec.latent(a), spec.latent(spec.inputs(t0, seed=4))), f"{name}: seed ignored"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_table_facts(name):
+    spec = get(name)
+    model = _model(name)
+    assert _repeated_module_lists(model) == set(spec.block_lists) | set(spec.side_lists)
+    sizes = [len(model.get_submodule(path)) for path in spec.block_lists]
+    assert min(sizes) >= (3 if len(sizes) == 1 else 2), f"{name}: chain lists too short: {sizes}"
+    assert spec.image_tokens != spec.text_tokens, f"{name}: streams must differ in length"
+    assert spec.graph_break is None if spec.single_graph else spec.graph_break, f"{name}: say why it breaks"
+
+
+@pytest.mark.parametrize("schedule", list(Schedule))
+def test_schedule_direction(schedule):
+    values = schedule.values(8)
+    assert len(values) == 8
+    ascending = schedule in (Schedule.SIGMA_ASC, Schedule.T1000_ASC)
+    assert values == sorted(values, reverse=not ascending), values
+
+
+def test_denoise_is_deterministic_and_calls_once_per_step():
+    spec = get("flux")
+    model = _model("flux")
+    calls = []
+
+    def counting(m, kwargs):
+        calls.append(float(kwargs[spec.timestep_key][0]))
+        return spec.out_to_latent(m(**kwargs))
+
+    x, outs = denoise(model, spec, num_steps=4, call=counting)
+    x2, _ = denoise(model, spec, num_steps=4)
+    assert calls == spec.timesteps(4)
+    assert len(outs) == 4 and x.shape == spec.latent(spec.inputs(0.0)).shape
+    assert torch.equal(x, x2)
+
+
+def test_denoise_separate_cfg_call():
+    spec = get("sd3")
+    model = _model("sd3")
+    uncond = spec.inputs(0.0, seed=1)  # another prompt stands in for the negative one
+
+    def cfg(m, kwargs):
+        neg = dict(kwargs, encoder_hidden_states=uncond["encoder_hidden_states"])
+        c, u = spec.out_to_latent(m(**kwargs)), spec.out_to_latent(m(**neg))
+        return u + 4.0 * (c - u)
+
+    x, outs = denoise(model, spec, num_steps=3, call=cfg)
+    x_plain, _ = denoise(model, spec, num_steps=3)
+    assert torch.isfinite(x).all() and not torch.equal(x, x_plain)
+
+
+@pytest.mark.skipif(not CHECK_GRAPHS, reason="set CACHEDIT_TEST_GRAPHS=1 to re-check Dynamo graph counts")
+@pytest.mark.parametrize("name", NAMES)
+def test_single_graph_fact(name):
+    spec: ModelSpec = get(name)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        cold = torch._dynamo.explain(spec.build())(**spec.inputs(spec.timesteps(4)[1]))
+        torch._dynamo.reset()
+        warm = torch._dynamo.explain(spec.build(warm=True))(**spec.inputs(spec.timesteps(4)[1]))
+    torch._dynamo.reset()
+    assert (cold.graph_count == 1) == spec.single_graph, [b.reason for b in cold.break_reasons]
+    assert (warm.graph_count == 1) == spec.single_graph_when_warm, [b.reason for b in warm.break_reasons]
