@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,10 +86,17 @@ def cachedit_backend(
 
     if config.disable:
         return uncached("disabled by configuration (CACHEDIT_DISABLE / disable=True)")
+    # -- context parallelism (issue 3): shard the chain before the split (Note [Attention rewrite]) --
+    mesh = None
+    if config.ulysses * config.ring > 1:
+        gm, mesh = _context_parallel(gm, config, record)
+    # -- end context parallelism --
     try:
         chain = find_block_chain(gm)
         record.chain, record.lists = chain.describe(), chain.lists
         cache = StepCache(config, owner_key=param_ids[0] if param_ids else id(gm))
+        if mesh is not None:
+            cache.reduce_sums = mesh.reduce_sums  # every rank decides on the global diff sums
         top, layout = insert_step_cache_gate(
             gm,
             chain,
@@ -108,6 +116,7 @@ def cachedit_backend(
         if part is not None:
             setattr(top, name, CompiledPart(part, inner(part, _example_inputs(part))))
     top.cachedit_record = record  # the top module owns the record (the registry holds it weakly)
+    record.module = weakref.ref(top)
     record.compile_seconds = time.perf_counter() - start
     _log_once(logging.INFO, f"cachedit: step-cached {chain.describe()}: {layout.describe()}")
     return top
@@ -122,3 +131,35 @@ class _Keep:
 
     def __call__(self, *args):
         return self.compiled(*args)
+
+
+# -- context parallelism (issue 3) -------------------------------------------------------------------------
+
+
+def _context_parallel(gm: torch.fx.GraphModule, config: CacheditConfig, record: registry.CompiledGraph):
+    """Shard ``gm``'s chain over the ``ulysses × ring`` mesh; ``(gm, None)`` (replicated) when no plan is safe.
+
+    A bad mesh (``u·r`` is not the world size, more ranks than tokens) raises before any collective.
+    Every rank must take the same branch, so the ranks agree on the outcome before using it.
+    """
+    from cachedit.fxpasses.attention import rewrite_attention
+    from cachedit.fxpasses.shard_plan import ShardDeclined, plan_sequence_sharding
+    from cachedit.runtime.parallel import context_parallel_mesh
+
+    mesh = context_parallel_mesh(config)
+    rewritten, reason = gm, None
+    try:
+        chain = find_block_chain(gm)
+        plan = plan_sequence_sharding(gm, chain)
+        mesh.check_sizes(min(a.q.size for a in plan.attentions), "the smallest attention")
+        rewritten = rewrite_attention(gm, chain, plan, mesh)
+    except (NoChain, ShardDeclined) as err:
+        reason = str(err)
+    if not mesh.agree(reason is None):
+        reason = reason or "another rank declined its plan"
+        record.parallel = f"replicated on {mesh.world} ranks ({mesh.mode} declined): {reason}"
+        _log_once(logging.WARNING, f"cachedit: context parallelism declined, running replicated: {reason}")
+        return gm, None
+    record.parallel = f"{mesh.describe()}: {plan.describe()}"
+    _log_once(logging.INFO, f"cachedit: {record.parallel}")
+    return rewritten, mesh

@@ -12,11 +12,11 @@ Algorithm:
   2. A list is a candidate when it has at least two items of one class whose node ranges do not
      interleave (block i ends before block i + 1 starts).
   3. The chain starts as the candidate with the most blocks and grows to an adjacent list when the two
-     are *joined*: the first block of the later list consumes outputs of the last block of the earlier
-     one directly, takes nothing else that depends on the earlier list, and those outputs feed nothing
-     but the later list. Flux's double then single blocks are joined; text refiners (HunyuanVideo,
-     Z-Image, Lumina2), whose output is concatenated with the image stream before the main blocks,
-     are not.
+     are *joined*: the streams of the later list (inputs of its first block shaped like what that
+     block hands to its second) all come straight from the last block of the earlier list, and those
+     outputs feed nothing else. Flux's double then single blocks are joined; text refiners
+     (HunyuanVideo, Z-Image, Lumina2) and Kandinsky 5's text blocks, whose output meets an image stream
+     that comes from the prologue, are not.
 
 Debugging: ``cachedit.explain(model)`` prints the lists found and why each was or was not chained.
 """
@@ -172,28 +172,27 @@ def _joined(
     nodes: list[torch.fx.Node],
     node_block: dict[torch.fx.Node, tuple[str, int]],
 ) -> bool:
-    """Whether ``later`` continues the carried state of ``earlier`` (see Note [Block chain])."""
-    last, first = earlier[-1], later[0]
+    """Whether ``later`` continues the carried state of ``earlier`` (see Note [Block chain]).
+
+    The streams of ``later`` are the inputs of its first block that have the shape of a value that
+    block hands to the second one; they must all be outputs of the last block of ``earlier``, and
+    those outputs must feed nothing but ``later``.
+    """
+    last, first, second = earlier[-1], later[0], later[1]
     if last.last >= first.first:
         return False
-    in_last = lambda n: node_block.get(n) == (last.list_path, last.index)  # noqa: E731
-    in_first = lambda n: node_block.get(n) == (first.list_path, first.index)  # noqa: E731
-    in_later = lambda n: node_block.get(n, ("",))[0] == first.list_path  # noqa: E731
-    # values flowing out of the last earlier block must feed only the later list
-    outputs = [n for n in nodes[last.first : last.last + 1] if in_last(n) and any(not in_last(u) for u in n.users)]
-    if not outputs or any(not in_later(u) for n in outputs for u in n.users if not in_last(u)):
+    key = lambda b: (b.list_path, b.index)  # noqa: E731
+    members = lambda b: [n for n in nodes[b.first : b.last + 1] if node_block.get(n) == key(b)]  # noqa: E731
+    last_nodes, first_nodes, second_nodes = members(last), set(members(first)), set(members(second))
+    outputs = {n for n in last_nodes if any(node_block.get(u) != key(last) for u in n.users)}
+    if any(node_block.get(u, ("",))[0] != first.list_path for n in outputs for u in n.users if u not in last_nodes):
         return False
-    # ... and the first later block must take them directly, and nothing else derived from ``earlier``
-    depends = _depends_on_span(nodes, earlier[0].first, last.last)
-    inputs = {a for n in nodes[first.first : first.last + 1] if in_first(n) for a in n.all_input_nodes if not in_first(a)}
-    fed = [a for a in inputs if a in outputs]
-    return bool(fed) and all(a in outputs or not depends(a) for a in inputs)
+    handed_on = {_shape(n) for n in first_nodes if any(u in second_nodes for u in n.users)}
+    inputs = {a for n in first_nodes for a in n.all_input_nodes if a not in first_nodes}
+    streams = [a for a in inputs if _shape(a) in handed_on and a.op != "placeholder"]
+    return bool(streams) and all(a in outputs for a in streams)
 
 
-def _depends_on_span(nodes: list[torch.fx.Node], lo: int, hi: int):
-    """A predicate: does a node depend (transitively) on any node at positions lo..hi?"""
-    dependent: set[torch.fx.Node] = set()
-    for pos, node in enumerate(nodes):  # nodes are in topological order
-        if lo <= pos <= hi or (pos > hi and any(a in dependent for a in node.all_input_nodes)):
-            dependent.add(node)
-    return dependent.__contains__
+def _shape(node: torch.fx.Node):
+    value = node.meta.get("example_value")
+    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None

@@ -26,6 +26,7 @@ class Reason(enum.Enum):
     ALWAYS = "threshold >= 1"
     SIMILAR = "diff < threshold"
     CHANGED = "diff >= threshold"
+    UNKNOWN_REQUEST = "request boundaries unknown: the graph has no timestep input and no cachedit.request is open"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,8 @@ class CompiledGraph:
     layout: Any = None
     declined: str | None = None
     cache: Any = None  # the StepCache, when the graph is step-cached
+    module: Any = None  # weak reference to the stitched top-level module, when step-cached
+    parallel: str | None = None  # the context-parallel plan applied, or why it was declined
     compile_seconds: float = 0.0
     order: int = dataclasses.field(default_factory=lambda: next(_order))
 
@@ -37,6 +39,8 @@ class CompiledGraph:
             lines.append(f"  block list {path} [{count}]: {verdict}")
         if self.chain:
             lines.append(f"  chain: {self.chain}")
+        if self.parallel:
+            lines.append(f"  context parallel: {self.parallel}")
         if self.layout is not None:
             lines.append(f"  {self.layout.describe()}")
         if self.declined:

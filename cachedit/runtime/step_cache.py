@@ -128,6 +128,7 @@ class StepCache:
         self._local = threading.local()
         self._explicit: dict[int, _Request] = {}
         self._lock = threading.Lock()
+        self.reduce_sums = None  # set under context parallelism: sums a tensor over every rank
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -189,6 +190,9 @@ class StepCache:
             if prev is not None and prev.shape == residual.shape and policy.needs_diff(cfg, branch.history, step):
                 reads.append(torch.ops.cachedit.residual_diff(prev, residual))
                 diffs_for.append(branch)
+        if diffs_for and self.reduce_sums is not None:  # context parallel: decide on the sums over all ranks
+            k = 1 if read_t else 0
+            reads[k:] = [self.reduce_sums(torch.cat(reads[k:]))]
         # The one host synchronisation of this step.
         values = torch.cat([r.to(residual.device) for r in reads]).tolist() if reads else []
         t = values.pop(0) if read_t else None
@@ -217,7 +221,11 @@ class StepCache:
             diff = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
         elif policy.needs_diff(cfg, branch.history, req.step):
             diff = float("inf")  # residual shape changed since the last computed step: compute
-        decision = policy.decide(cfg, branch.history, req.step, diff)
+        if token is None and timestep is None:
+            # Caching across a boundary we cannot see could mix two requests: compute.
+            decision = policy.Decision(policy.Action.COMPUTE, policy.Reason.UNKNOWN_REQUEST, req.step)
+        else:
+            decision = policy.decide(cfg, branch.history, req.step, diff)
         policy.record(branch.history, decision)
         stats = branch.stats
         (stats.cached_steps if decision.cache else stats.computed_steps).append(req.step)
