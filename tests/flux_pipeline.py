@@ -1,0 +1,85 @@
+"""A tiny real ``FluxPipeline`` built from components, with no downloads, for pipeline-level tests.
+
+The transformer is a random-init ``FluxTransformer2DModel`` (2 double + 4 single blocks, 2 heads of 16,
+fp32, eval mode) built under a fixed seed, so every call of ``tiny_flux_pipeline()`` holds the same
+weights. There are no text encoders and no VAE: the pipeline is driven with ``prompt_embeds`` and
+``pooled_prompt_embeds`` and returns packed latents (``output_type="latent"``). At 64x64 pixels the
+latent is 8x8x4, packed 2x2 into 16 image tokens of 16 channels; the text stream has 7 tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+TEXT_TOKENS = 7
+TEXT_DIM = 32
+HEIGHT = WIDTH = 64  # with no VAE the pipeline assumes a scale factor of 8: an 8x8 latent, 16 packed tokens
+IMAGE_TOKENS = (HEIGHT // 16) * (WIDTH // 16)
+CHANNELS = 16  # packed: 4 latent channels x 2 x 2
+TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=CHANNELS,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=TEXT_DIM,
+    pooled_projection_dim=TEXT_DIM,
+    guidance_embeds=False,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
+def tiny_flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel(**TRANSFORMER_CONFIG).eval()
+
+
+def tiny_flux_pipeline(cls: type = FluxPipeline, seed: int = 0) -> FluxPipeline:
+    """A pipeline of class ``cls`` (FluxPipeline or a subclass) around ``tiny_flux_transformer(seed)``."""
+    return cls(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=tiny_flux_transformer(seed),
+    )
+
+
+def prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-ins for the text encoders' output: ``prompt_embeds`` [1, 7, 32] and pooled [1, 32]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g), torch.randn(1, TEXT_DIM, generator=g)
+
+
+def generate(pipe: FluxPipeline, steps: int | None, *, true_cfg: bool = False, seed: int = 0) -> torch.Tensor:
+    """One ``pipe(...)`` call; returns the final packed latents [1, 16, 16].
+
+    ``steps=None`` leaves ``num_inference_steps`` out of the call (the pipeline's default, 28).
+    With ``true_cfg`` the pipeline runs true CFG (scale 2 with a negative prompt): two transformer calls
+    per step, the positive prompt first.
+    """
+    embeds, pooled = prompt(1)
+    kwargs: dict[str, Any] = dict(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        height=HEIGHT,
+        width=WIDTH,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        return_dict=False,
+    )
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    if true_cfg:
+        negative, negative_pooled = prompt(2)
+        kwargs.update(true_cfg_scale=2.0, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(**kwargs)[0]
