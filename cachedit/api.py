@@ -48,7 +48,8 @@ def request(model: Any, num_inference_steps: int | None = None) -> Iterator[None
 
 def stats(model: Any) -> list[RequestStats]:
     """One record per request on ``model`` (every compiled graph of it), oldest first."""
-    records = [r for g in _graphs(model) if g.cache is not None for r in g.cache.records]
+    ids = _param_ids(model)
+    records = [r for g in registry.lookup(ids) if g.cache is not None for r in g.cache.records_for(ids)]
     return sorted(records, key=lambda r: r.id)
 
 

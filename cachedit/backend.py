@@ -40,13 +40,6 @@ from cachedit.runtime import registry
 from cachedit.runtime.step_cache import Gate, Reuse, StepCache
 
 log = logging.getLogger("cachedit")
-_logged: set[str] = set()
-
-
-def _log_once(level: int, message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        log.log(level, message)
 
 
 class CompiledPart(torch.nn.Module):
@@ -72,14 +65,15 @@ def cachedit_backend(
     config = CacheditConfig.resolve(options)
     log.setLevel(config.log.value.upper())
     inner = lookup_backend(config.inner.value)
-    param_ids = [id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)]
     record = registry.CompiledGraph(config=config)
-    registry.register(param_ids, record)
+    # Filed under the model being compiled now; the gate files it under any other model instance that
+    # later runs through the same graph (Dynamo shares graphs between instances of one class).
+    registry.register([id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)], record)
     start = time.perf_counter()
 
     def uncached(reason: str) -> Callable:
         record.declined = reason
-        _log_once(logging.WARNING if not config.disable else logging.INFO, f"cachedit: running uncached: {reason}")
+        log.log(logging.INFO if config.disable else logging.WARNING, f"cachedit: running uncached: {reason}")
         compiled = inner(gm, example_inputs)
         record.compile_seconds = time.perf_counter() - start
         return _Keep(compiled, record)
@@ -94,7 +88,7 @@ def cachedit_backend(
     try:
         chain = find_block_chain(gm)
         record.chain, record.lists = chain.describe(), chain.lists
-        cache = StepCache(config, owner_key=param_ids[0] if param_ids else id(gm))
+        cache = StepCache(config, on_new_owner=lambda param: registry.register([id(param)], record))
         if mesh is not None:
             cache.reduce_sums = mesh.reduce_sums  # every rank decides on the global diff sums
         top, layout = insert_step_cache_gate(
@@ -118,7 +112,7 @@ def cachedit_backend(
     top.cachedit_record = record  # the top module owns the record (the registry holds it weakly)
     record.module = weakref.ref(top)
     record.compile_seconds = time.perf_counter() - start
-    _log_once(logging.INFO, f"cachedit: step-cached {chain.describe()}: {layout.describe()}")
+    log.log(logging.INFO, f"cachedit: step-cached {chain.describe()}: {layout.describe()}")
     return top
 
 
@@ -158,8 +152,8 @@ def _context_parallel(gm: torch.fx.GraphModule, config: CacheditConfig, record: 
     if not mesh.agree(reason is None):
         reason = reason or "another rank declined its plan"
         record.parallel = f"replicated on {mesh.world} ranks ({mesh.mode} declined): {reason}"
-        _log_once(logging.WARNING, f"cachedit: context parallelism declined, running replicated: {reason}")
+        log.log(logging.WARNING, f"cachedit: context parallelism declined, running replicated: {reason}")
         return gm, None
     record.parallel = f"{mesh.describe()}: {plan.describe()}"
-    _log_once(logging.INFO, f"cachedit: {record.parallel}")
+    log.log(logging.INFO, f"cachedit: {record.parallel}")
     return rewritten, mesh

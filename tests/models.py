@@ -23,7 +23,7 @@ Zero-initialised weight matrices (Kandinsky 5 modulation, Mochi rope frequencies
 as a trained checkpoint has; otherwise Kandinsky 5 would ignore its timestep.
 
 `single_graph` and the lists are facts checked against torch 2.13 + diffusers 0.42.1 (`torch._dynamo.explain`;
-`CACHEDIT_TEST_GRAPHS=1 pytest tests/test_models.py` re-checks them). A row that is not single-graph names
+`TEST_GRAPH_COUNTS=1 pytest tests/test_models.py` re-checks them). A row that is not single-graph names
 the break in `graph_break`: those breaks are in the diffusers forward, and the backend must decline them
 gracefully (or handle the pieces), never patch the model.
 """

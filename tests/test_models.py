@@ -11,7 +11,7 @@ from tests.models import MODELS, ModelSpec, Schedule, denoise, get
 NAMES = sorted(MODELS)
 
 # Capturing every row twice (cold and warm) takes about four minutes on two cores: run it after an upgrade.
-CHECK_GRAPHS = os.environ.get("CACHEDIT_TEST_GRAPHS") == "1"
+CHECK_GRAPHS = os.environ.get("TEST_GRAPH_COUNTS") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +114,7 @@ def test_denoise_separate_cfg_call():
     assert torch.isfinite(x).all() and not torch.equal(x, x_plain)
 
 
-@pytest.mark.skipif(not CHECK_GRAPHS, reason="set CACHEDIT_TEST_GRAPHS=1 to re-check Dynamo graph counts")
+@pytest.mark.skipif(not CHECK_GRAPHS, reason="set TEST_GRAPH_COUNTS=1 to re-check Dynamo graph counts")
 @pytest.mark.parametrize("name", NAMES)
 def test_single_graph_fact(name):
     spec: ModelSpec = get(name)

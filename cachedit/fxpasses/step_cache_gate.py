@@ -23,7 +23,7 @@ Before / after (printed):
     x = embed(inp); x = block0(x); x = block1(x); x = block2(x); out = proj(x)
   ->
     head = self.head(inp, ...);  h = head[0];  r = head[1]
-    cachedit_gate = self.cachedit_gate(r, timestep)
+    cachedit_gate = self.cachedit_gate(r, timestep, some_parameter)
     middle = self.middle
     cachedit_reuse = self.cachedit_reuse(cachedit_gate, middle, h, ...)
     tail = self.tail(cachedit_reuse[0], ...)
@@ -212,7 +212,8 @@ def insert_step_cache_gate(
         env[p].meta = dict(p.meta)
     *head_values, residual = _call_part(top, "head", head, env)
     env.update(zip(head_out, head_values))
-    gate = top.call_module("cachedit_gate", (residual, env[timestep] if timestep is not None else None))
+    owner = env[_first_parameter(placeholders)]  # names the model instance at run time
+    gate = top.call_module("cachedit_gate", (residual, env[timestep] if timestep is not None else None, owner))
     reuse = top.call_module("cachedit_reuse", (gate, top.get_attr("middle"), *(env[n] for n in middle[1])))
     for j, out in enumerate(middle_out):
         env[out] = top.call_function(operator.getitem, (reuse, j))
@@ -228,6 +229,13 @@ def insert_step_cache_gate(
     result.graph.lint()
     result.recompile()
     return result, layout
+
+
+def _first_parameter(placeholders: list[torch.fx.Node]) -> torch.fx.Node:
+    for node in placeholders:
+        if "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {}):
+            return node
+    raise NoChain("the graph has no parameter input to tell model instances apart")
 
 
 def _match(value: torch.fx.Node, candidates: list[torch.fx.Node], what: str, among: str) -> int:

@@ -25,7 +25,7 @@ import dataclasses
 import itertools
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -118,35 +118,68 @@ def open_request(owner: frozenset[int], num_inference_steps: int | None) -> Iter
             cache.close(token)
 
 
-class StepCache:
-    """All step-cache state of one compiled graph. Created by the backend, owned by the top module."""
+@dataclasses.dataclass(eq=False)
+class _Owner:
+    """The state of one model instance. Dynamo shares one graph between instances of a class
+    (parameters are graph inputs), so a compiled graph can serve several models: each keeps its own."""
 
-    def __init__(self, config: CacheditConfig, owner_key: int):
+    records: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=MAX_RECORDS))
+    local: threading.local = dataclasses.field(default_factory=threading.local)  # the detected request
+    explicit: dict[int, _Request] = dataclasses.field(default_factory=dict)  # token id -> request
+
+
+class StepCache:
+    """All step-cache state of one compiled graph, per model instance. Owned by the top module.
+
+    ``on_new_owner(param)`` is called the first time a model instance (named by one of its
+    parameters, which the gate receives as an input) runs through the graph.
+    """
+
+    def __init__(self, config: CacheditConfig, on_new_owner: Callable[[torch.Tensor], None] | None = None):
         self.config = config
-        self.owner_key = owner_key
-        self.records: collections.deque[RequestStats] = collections.deque(maxlen=MAX_RECORDS)
-        self._local = threading.local()
-        self._explicit: dict[int, _Request] = {}
+        self.on_new_owner = on_new_owner
+        self._owners: dict[int, _Owner] = {}
         self._lock = threading.Lock()
         self.reduce_sums = None  # set under context parallelism: sums a tensor over every rank
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _new_request(self, source: str, num_steps: int | None) -> _Request:
+    def _owner(self, param: torch.Tensor) -> tuple[int, _Owner]:
+        key = id(param)
+        owner = self._owners.get(key)
+        if owner is None:
+            with self._lock:
+                owner = self._owners[key] = _Owner()
+            weakref.finalize(param, self._owners.pop, key, None)
+            if self.on_new_owner is not None:
+                self.on_new_owner(param)
+        return key, owner
+
+    def records_for(self, param_ids) -> list[RequestStats]:
+        """Request records of the model instances among ``param_ids`` (all when None), oldest first."""
+        owners = [o for k, o in list(self._owners.items()) if param_ids is None or k in param_ids]
+        return sorted((r for o in owners for r in list(o.records)), key=lambda r: r.id)
+
+    @property
+    def records(self) -> list[RequestStats]:
+        return self.records_for(None)
+
+    def _new_request(self, owner: _Owner, source: str, num_steps: int | None) -> _Request:
         stats = RequestStats(id=next(_request_ids), source=source, num_inference_steps=num_steps)
         with self._lock:
-            self.records.append(stats)
+            owner.records.append(stats)
         return _Request(stats)
 
     def close(self, token: RequestToken) -> None:
         """Drop the buffers of an explicit request (its stats stay)."""
-        self._explicit.pop(token.id, None)
+        for owner in list(self._owners.values()):
+            owner.explicit.pop(token.id, None)
 
-    def _current(self) -> tuple[_Request | None, RequestToken | None]:
+    def _current(self, key: int, owner: _Owner) -> tuple[_Request | None, RequestToken | None]:
         token = _ACTIVE.get()
-        if token is not None and self.owner_key in token.owner:
-            return self._explicit.get(token.id), token
-        return getattr(self._local, "request", None), None
+        if token is not None and key in token.owner:
+            return owner.explicit.get(token.id), token
+        return getattr(owner.local, "request", None), None
 
     def _is_pair(self, req: _Request, t: float | None) -> bool:
         """Is this call the second call (uncond branch) of the step ``req`` is at?"""
@@ -173,9 +206,12 @@ class StepCache:
 
     # -- the gate ---------------------------------------------------------------------------------
 
-    def gate(self, residual: torch.Tensor, timestep: torch.Tensor | None) -> tuple[policy.Decision, _Branch]:
+    def gate(
+        self, residual: torch.Tensor, timestep: torch.Tensor | None, param: torch.Tensor
+    ) -> tuple[policy.Decision, _Branch]:
         cfg = self.config
-        req, token = self._current()
+        key, owner = self._owner(param)
+        req, token = self._current(key, owner)
         read_t = timestep is not None and (token is None or cfg.cfg is not CfgMode.BATCHED)
         # Branches this call may belong to, each with the step it would be at.
         candidates: list[tuple[_Branch, int]] = []
@@ -200,10 +236,10 @@ class StepCache:
 
         if token is not None:
             if req is None:
-                req = self._explicit[token.id] = self._new_request("explicit", token.num_inference_steps)
+                req = owner.explicit[token.id] = self._new_request(owner, "explicit", token.num_inference_steps)
                 token.users.add(self)
         elif self._starts_new(req, t):
-            req = self._local.request = self._new_request("timestep" if t is not None else "call", None)
+            req = owner.local.request = self._new_request(owner, "timestep" if t is not None else "call", None)
         if req.step >= 0 and self._is_pair(req, t):
             index, req.calls_at_step = 1, 2
         else:
@@ -256,8 +292,8 @@ class Gate(torch.nn.Module):
         super().__init__()
         self.cache = cache
 
-    def forward(self, residual: torch.Tensor, timestep: torch.Tensor | None):
-        return self.cache.gate(residual, timestep)
+    def forward(self, residual: torch.Tensor, timestep: torch.Tensor | None, param: torch.Tensor):
+        return self.cache.gate(residual, timestep, param)
 
 
 class Reuse(torch.nn.Module):

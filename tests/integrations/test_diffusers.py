@@ -89,12 +89,6 @@ def test_enable_rejects_a_bad_option_before_touching_the_pipeline(options, messa
     assert getattr(pipe.transformer, "_compiled_call_impl", None) is None, "the transformer was compiled anyway"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: the StepCache belongs to the Dynamo graph, and Dynamo reuses that graph for a second "
-    "transformer of the same class compiled with equal options; the second model's requests are then filed "
-    "under the first (its explicit requests do not match the cache's owner, its stats are empty)",
-)
 def test_two_pipelines_with_equal_options_keep_their_own_requests():
     options = dict(inner="eager", Fn=1, threshold=0.35, warmup_steps=2)
     first = cachedit.enable(tiny_flux_pipeline(), **options)

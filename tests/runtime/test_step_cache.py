@@ -10,16 +10,19 @@ from cachedit.config import CacheditConfig
 from cachedit.runtime.step_cache import StepCache, open_request
 
 
+OWNER = torch.nn.Parameter(torch.zeros(1))  # stands for the model instance (the gate gets one of its parameters)
+
+
 def make(**kw):
     kw = {"Fn": 1, "threshold": 0.5, "warmup_steps": 1, **kw}
-    return StepCache(CacheditConfig(**kw), owner_key=12345)
+    return StepCache(CacheditConfig(**kw))
 
 
 def call(cache, t, value=1.0):
     """One transformer call: head residual filled with ``value`` at timestep ``t``."""
     residual = torch.full((2, 5), float(value))
     ts = None if t is None else torch.tensor([float(t), float(t)])
-    decision, _ = cache.gate(residual, ts)
+    decision, _ = cache.gate(residual, ts, OWNER)
     return decision
 
 
@@ -84,14 +87,14 @@ def test_diff_is_relative_l1_against_the_last_computed_step():
 
 def test_explicit_request_counts_steps_without_timesteps():
     cache = make(cfg="separate")
-    owner = frozenset({12345})
+    owner = frozenset({id(OWNER)})
     with open_request(owner, num_inference_steps=3):
         for _ in range(3):
             call(cache, None), call(cache, None)  # cond, uncond by call parity
     (req,) = cache.records
     assert req.source == "explicit" and req.steps == 3 and req.num_inference_steps == 3
     assert set(req.branches) == {"cond", "uncond"}
-    assert not cache._explicit, "buffers of a closed request are dropped"
+    assert not any(o.explicit for o in cache._owners.values()), "buffers of a closed request are dropped"
 
 
 def test_num_inference_steps_bounds_a_detected_request_when_known():
@@ -131,3 +134,22 @@ def test_interleaved_threads_each_get_their_own_request():
         th.join(timeout=30)
     assert got == expected
     assert sorted(r.steps for r in cache.records) == [5, 5]
+
+
+def test_model_instances_sharing_a_graph_keep_their_own_requests():
+    cache = make()
+    other = torch.nn.Parameter(torch.zeros(1))
+    residual = torch.ones(2, 5)
+    for t in [1.0, 0.5]:
+        cache.gate(residual, torch.tensor([t]), OWNER)
+        cache.gate(residual, torch.tensor([t]), other)  # same timestep, another model: not a CFG pair
+    assert [r.steps for r in cache.records_for({id(OWNER)})] == [2]
+    assert [r.steps for r in cache.records_for({id(other)})] == [2]
+    assert set(cache.records_for({id(OWNER)})[0].branches) == {"main"}
+
+
+def test_without_timestep_or_request_nothing_is_cached():
+    cache = make(threshold=0.9, warmup_steps=0)
+    decisions = [call(cache, None) for _ in range(4)]
+    assert all(not d.cache for d in decisions)
+    assert "request boundaries unknown" in decisions[-1].describe()
