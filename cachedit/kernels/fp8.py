@@ -13,13 +13,14 @@ reference, so the two agree bit for bit).
 
 ``fp8_dequantize(payload, dtype)``: ``[..., D + 4]`` uint8 -> ``[..., D]`` of ``dtype``, computed as
 ``(fp8 value as fp32 * scale).to(dtype)``. Bytes on the wire per row: D + 4 against 2·D for bf16, a ratio
-of (D + 4) / (2·D): 0.516 at D = 128, 0.531 at D = 64.
+of (D + 4) / (2·D) (``fp8_wire_ratio``): 0.516 at D = 128; at D = 64 it is 0.531, just above the 0.53 of
+issue 4, which the fp32 scale allows only from D = 67 on.
 
 Special values (enforced by both kernels and the reference, checked by the tests):
 - zeros: an all-zero row gets scale FP8_SCALE_MIN and zero bytes, and dequantizes to exact zeros
   (-0.0 keeps its sign). A row whose amax / 448 underflows uses FP8_SCALE_MIN too: never a zero or
   subnormal scale, so 1 / scale stays finite, at the cost of precision in rows below 1e-35.
-- ±max of the input dtype round-trips exactly (x / scale = ±448, a representable fp8 value).
+- ±max of the input dtype round-trips exactly (it quantizes to ±448, and 448 · scale rounds back to it).
 - infinities and NaN: a row holding any ±inf or NaN is poisoned as a whole: its value bytes are the
   e4m3fn NaN (0x7F), its scale is the canonical fp32 NaN, and it dequantizes to all-NaN. float8_e4m3fn has
   no infinity and a non-finite row has no finite scale; saturating would hand the receiver finite values
@@ -275,6 +276,7 @@ def fp8_dequantize_triton(payload: torch.Tensor, dtype: torch.dtype) -> torch.Te
 def _use_triton(t: torch.Tensor, d: int) -> bool:
     return (
         triton_available()
+        and torch.version.hip is None  # ROCm GPUs have the fnuz fp8 variants: the reference there
         and torch.cuda.get_device_capability(t.device) >= _MIN_CUDA_CAPABILITY
         and d <= _MAX_BLOCK_D
     )

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VALUE_KINDS = ("gaussian", "zeros", "max", "tiny", "mixed")
-LAYOUTS = ("contiguous", "permuted", "strided", "offset")
+LAYOUTS = ("contiguous", "permuted", "strided", "offset", "broadcast")
 
 # Few examples and no deadline: the suite has ~3 minutes on 2 cores, and the interpreter is slow.
 FAST = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -74,6 +74,8 @@ def arrange(
     if layout == "strided":
         base = values_for(tuple(2 * s for s in shape))
         return base[tuple(slice(None, None, 2) for _ in shape)]
+    if layout == "broadcast":  # stride 0 in the first dim
+        return values_for((1, *shape[1:])).expand(shape)
     assert layout == "offset", f"unknown layout {layout!r}"
     base = values_for((shape[0] + 1, *shape[1:]))
     return base[1:]
