@@ -141,14 +141,22 @@ def _context_parallel(gm: torch.fx.GraphModule, config: CacheditConfig, record: 
     from cachedit.runtime.parallel import context_parallel_mesh
 
     mesh = context_parallel_mesh(config)
-    rewritten, reason = gm, None
+    rewritten, reason, plan = gm, None, None
     try:
         chain = find_block_chain(gm)
         plan = plan_sequence_sharding(gm, chain)
-        mesh.check_sizes(min(a.q.size for a in plan.attentions), "the smallest attention")
-        rewritten = rewrite_attention(gm, chain, plan, mesh)
     except (NoChain, ShardDeclined) as err:
         reason = str(err)
+    except Exception as err:  # a graph we did not foresee: run replicated, never break the compile
+        reason = f"the sharding plan failed ({type(err).__name__}: {err})"
+    if plan is not None:
+        mesh.check_sizes(min(a.q.size for a in plan.attentions), "the smallest attention")  # same on every rank
+        try:
+            rewritten = rewrite_attention(gm, chain, plan, mesh)
+        except ShardDeclined as err:
+            reason = str(err)
+        except Exception as err:
+            reason = f"the attention rewrite failed ({type(err).__name__}: {err})"
     if not mesh.agree(reason is None):
         reason = reason or "another rank declined its plan"
         record.parallel = f"replicated on {mesh.world} ranks ({mesh.mode} declined): {reason}"

@@ -1,0 +1,167 @@
+"""Run context-parallel cases in real gloo processes launched the way torchrun launches them.
+
+``launch(cases, world)`` starts ``world`` processes of this module with torchrun's environment
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; the backend initialises the process group from it), each
+with ``OMP_NUM_THREADS=1`` and a hard timeout: a hang fails the test. Every rank runs every case in one
+process (imports dominate on a small machine) and saves ``{case id: result}``; ``reference(case)``
+computes the single-process output the ranks must reproduce.
+
+A case is a dict: ``model`` (a row of ``tests/models.py``), ``options`` (cachedit options: ulysses, ring,
+fp8_comm, inner, ...), optional ``config`` (overrides of the row's diffusers config), ``shape`` (a latent
+shape replacing the row's), ``steps`` (>1: a denoising loop with caching; returns per-rank stats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cases: list[dict], world: int, timeout: float = 240.0) -> list[dict]:
+    """Run ``cases`` on ``world`` gloo ranks; returns one ``{case id: result}`` per rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "cases.json"
+        spec.write_text(json.dumps(cases))
+        port = _free_port()
+        procs = []
+        for rank in range(world):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                       PYTHONPATH=str(ROOT))
+            env = {k: v for k, v in env.items() if not k.startswith("CACHEDIT_")}
+            log = open(Path(tmp) / f"rank{rank}.log", "w")
+            procs.append((subprocess.Popen([sys.executable, "-m", "tests.distributed.harness", str(spec), tmp],
+                                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        failed = None
+        try:
+            for rank, (p, _) in enumerate(procs):
+                try:
+                    if p.wait(timeout=timeout) != 0 and failed is None:
+                        failed = f"rank {rank} exited with {p.returncode}"
+                except subprocess.TimeoutExpired:
+                    failed = failed or f"rank {rank} hung for more than {timeout:.0f} s"
+                    break
+        finally:
+            for p, log in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                log.close()
+        if failed:
+            logs = "\n".join(f"--- rank {r} ---\n" + (Path(tmp) / f"rank{r}.log").read_text()[-3000:] for r in range(world))
+            raise AssertionError(f"{failed}\n{logs}")
+        return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+
+
+def _spec(case: dict):
+    from tests import models
+
+    spec = models.get(case["model"])
+    if case.get("config"):
+        spec = dataclasses.replace(spec, config={**spec.config, **case["config"]})
+    return spec
+
+
+def _inputs(spec, case: dict, t: float):
+    kwargs = spec.inputs(t, seed=case.get("seed", 0))
+    if case.get("shape"):
+        g = torch.Generator().manual_seed(1)
+        kwargs[spec.latent_key] = torch.randn(case["shape"], generator=g)
+    return kwargs
+
+
+def reference(case: dict) -> torch.Tensor | dict:
+    """The single-process output of ``case`` (eager, uncompiled)."""
+    spec = _spec(case)
+    model = spec.build()
+    if case.get("steps", 1) > 1:
+        return _denoise(model, spec, case)
+    with torch.no_grad():
+        return spec.out_to_latent(model(**_inputs(spec, case, spec.timesteps(4)[1])))
+
+
+def _denoise(model, spec, case) -> dict:
+    import cachedit
+
+    outs = []
+    for request in range(case.get("requests", 1)):
+        x, _ = _loop(model, spec, case)
+        outs.append(x)
+    return {"out": torch.stack(outs)}
+
+
+def _loop(model, spec, case):
+    steps = case["steps"]
+    base = _inputs(spec, case, spec.timesteps(steps)[0])
+    x = spec.latent(base)
+    with torch.no_grad():
+        for t in spec.timesteps(steps):
+            x = x - spec.out_to_latent(model(**spec.with_step(base, x, t))) / steps
+    return x, None
+
+
+def _run_case(case: dict, keep: list):
+    import cachedit
+
+    spec = _spec(case)
+    model = spec.build()
+    keep.append(model)
+    compiled = torch.compile(model, backend="cachedit", fullgraph=True, options=case["options"])
+    if case.get("steps", 1) > 1:
+        outs = []
+        for _ in range(case.get("requests", 1)):
+            x, _ = _loop(compiled, spec, case)
+            outs.append(x)
+        stats = [
+            {name: (b.computed_steps, b.cached_steps) for name, b in r.branches.items()} for r in cachedit.stats(model)
+        ]
+        result = {"out": torch.stack(outs), "stats": stats}
+    else:
+        with torch.no_grad():
+            result = {"out": spec.out_to_latent(compiled(**_inputs(spec, case, spec.timesteps(4)[1])))}
+    result["explain"] = cachedit.explain(model)
+    result["graphs"] = len(cachedit.api._graphs(model))
+    torch._dynamo.reset()
+    return result
+
+
+def main(spec_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    keep: list = []  # models stay alive: the registry files graphs by id(parameter), and ids get reused
+    cases = json.loads(Path(spec_path).read_text())
+    results = {}
+    for case in cases:
+        try:
+            results[case["id"]] = _run_case(case, keep)
+        except Exception as err:  # report per case; a collective mismatch would hang, not raise
+            import traceback
+
+            traceback.print_exc()
+            results[case["id"]] = {"error": f"{type(err).__name__}: {err}"}
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

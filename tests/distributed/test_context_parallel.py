@@ -1,0 +1,88 @@
+"""Context parallelism in real gloo processes: every rank's output equals the single-process output.
+
+One launch per world size runs all its cases (imports and rank start-up dominate on a 2-core machine);
+each test then checks its case. The default set covers every model at P = 2 (Ulysses, and Ring on the
+models with masks or cross-attention) and at P = 4 (one mode per model, USP 2x2 on three); set
+``FULL_CP_MATRIX=1`` for every model in every mode (several minutes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.distributed.harness import launch, reference
+
+MODELS = ["flux", "sd3", "qwenimage", "wan", "hunyuanvideo", "cogvideox", "ltx", "pixart"]
+EAGER = {"inner": "eager", "threshold": 0.0, "Fn": 1}  # threshold 0: never cache, so CP alone is tested
+FULL = os.environ.get("FULL_CP_MATRIX") == "1"
+# fp32 all the way; only the reduction order of attention and of the LSE merge differs from one process
+TOL = 1e-5
+# Wan with 3 heads (not divisible by 2 or 4) and a 1x6x10 latent: 15 tokens (not divisible by 2 or 4)
+UNEVEN = {"config": {"num_attention_heads": 3}, "shape": [1, 4, 1, 6, 10]}
+
+
+def _case(id_, model, **options):
+    extra = {k: options.pop(k) for k in ("config", "shape") if k in options}
+    return {"id": id_, "model": model, "options": {**EAGER, **options}, **extra}
+
+
+def _world2():
+    cases = [_case(f"ulysses2-{m}", m, ulysses=2) for m in MODELS]
+    ring = MODELS if FULL else ["flux", "qwenimage", "wan", "pixart"]
+    cases += [_case(f"ring2-{m}", m, ring=2) for m in ring]
+    cases += [_case("ulysses2-uneven", "wan", ulysses=2, **UNEVEN), _case("ring2-uneven", "wan", ring=2, **UNEVEN)]
+    cases.append(_case("ulysses2-inductor-flux", "flux", ulysses=2, inner="inductor"))
+    return cases
+
+
+def _world4():
+    if FULL:
+        modes = {"ulysses4": dict(ulysses=4), "ring4": dict(ring=4), "usp": dict(ulysses=2, ring=2)}
+        cases = [_case(f"{k}-{m}", m, **v) for m in MODELS for k, v in modes.items()]
+    else:
+        pick = {"flux": "usp", "hunyuanvideo": "usp", "ltx": "usp", "sd3": "ulysses4", "cogvideox": "ulysses4",
+                "wan": "ring4", "pixart": "ring4", "qwenimage": "ring4"}
+        modes = {"ulysses4": dict(ulysses=4), "ring4": dict(ring=4), "usp": dict(ulysses=2, ring=2)}
+        cases = [_case(f"{k}-{m}", m, **modes[k]) for m, k in pick.items()]
+    cases.append(_case("usp-uneven", "wan", ulysses=2, ring=2, **UNEVEN))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def world2():
+    cases = _world2()
+    return cases, launch(cases, 2, timeout=300 if not FULL else 900)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    cases = _world4()
+    return cases, launch(cases, 4, timeout=300 if not FULL else 1800)
+
+
+def _check(cases_results, case_id, mode):
+    cases, results = cases_results
+    case = next(c for c in cases if c["id"] == case_id)
+    expected = reference(case)
+    for rank, per_rank in enumerate(results):
+        got = per_rank[case_id]
+        assert "error" not in got, f"rank {rank}: {got.get('error')}"
+        assert mode in got["explain"], f"rank {rank} did not shard:\n{got['explain']}"
+        assert got["graphs"] == 1, f"rank {rank} compiled {got['graphs']} graphs"  # fullgraph: no break either
+        err = ((got["out"] - expected).abs().max() / expected.abs().max()).item()
+        assert err < TOL, f"rank {rank}: max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case_id", [c["id"] for c in _world2()])
+def test_world2(world2, case_id):
+    mode = "Ulysses-2" if case_id.startswith("ulysses2") else "Ring-2"
+    _check(world2, case_id, mode)
+
+
+@pytest.mark.parametrize("case_id", [c["id"] for c in _world4()])
+def test_world4(world4, case_id):
+    mode = {"ulysses4": "Ulysses-4", "ring4": "Ring-4", "usp": "USP 2x2"}[case_id.split("-")[0]]
+    _check(world4, case_id, mode)
