@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,9 @@ def _module(model: Any) -> torch.nn.Module:
 
 
 def _param_ids(model: Any) -> frozenset[int]:
-    return frozenset(id(p) for p in _module(model).parameters())
+    """Ids of the tensors that name ``model`` in compiled graphs (Dynamo lifts both kinds as inputs)."""
+    module = _module(model)
+    return frozenset(id(t) for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 def _graphs(model: Any) -> list[registry.CompiledGraph]:
