@@ -97,8 +97,6 @@ def reference(case: dict) -> torch.Tensor | dict:
 
 
 def _denoise(model, spec, case) -> dict:
-    import cachedit
-
     outs = []
     for request in range(case.get("requests", 1)):
         x, _ = _loop(model, spec, case)
@@ -116,8 +114,18 @@ def _loop(model, spec, case):
     return x, None
 
 
+def local(case: dict) -> dict:
+    """``case`` compiled with cachedit in this one process (no context parallelism): the cache reference."""
+    options = {k: v for k, v in case["options"].items() if k not in ("ulysses", "ring", "fp8_comm")}
+    return _run_case({**case, "options": options}, [])
+
+
 def _run_case(case: dict, keep: list):
+    import time
+
     import cachedit
+
+    start = time.perf_counter()
 
     spec = _spec(case)
     model = spec.build()
@@ -137,6 +145,7 @@ def _run_case(case: dict, keep: list):
             result = {"out": spec.out_to_latent(compiled(**_inputs(spec, case, spec.timesteps(4)[1])))}
     result["explain"] = cachedit.explain(model)
     result["graphs"] = len(cachedit.api._graphs(model))
+    result["seconds"] = time.perf_counter() - start
     torch._dynamo.reset()
     return result
 
