@@ -40,7 +40,7 @@ JITTER_PX = 1.5  # centre jitter, small enough that positions never overlap
 
 VOCAB = tuple(
     sorted(
-        {"a", "at", "the", "on", "background"}
+        {"a", "at", "in", "the", "on", "background"}
         | set(SHAPES)
         | set(COLORS)
         | set(BACKGROUNDS)
@@ -63,8 +63,6 @@ class Scene:
         where = "in the center" if self.position == "center" else f"at the {self.position}"
         return f"a {self.size} {self.color} {self.shape} {where} on a {self.background} background"
 
-
-VOCAB = tuple(sorted(set(VOCAB) | {"in"}))
 
 
 def random_scene(generator: torch.Generator) -> Scene:

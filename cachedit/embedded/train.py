@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--decay-steps", type=int, default=TrainConfig.decay_steps, help="cosine LR horizon")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        decay_steps=args.decay_steps,
         seed=args.seed,
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
