@@ -65,19 +65,28 @@ def test_gate_forced_to_compute_is_bitwise_eager(name):
 
 @pytest.mark.parametrize("name", MULTI_GRAPH)
 def test_models_dynamo_cannot_capture_whole_still_run(name):
-    """Graph breaks inside diffusers: every piece still compiles, and the output is eager's, bitwise."""
+    """Graph breaks inside diffusers: every piece still compiles and the output is eager's, bitwise.
+
+    A piece that holds the chain but no timestep input caches only inside an explicit request, since
+    it cannot see where one generation ends and the next begins.
+    """
     spec = get(name)
     model = spec.build(warm=True)
-    reference, _ = denoise(model, spec, num_steps=3)
-    result, _ = denoise(compiled(model, Fn=1, Bn=0, threshold=0.5, warmup_steps=0, inner="eager"), spec, num_steps=3)
-    assert torch.equal(result, reference) or _graphs(model) and any(g.cache for g in _graphs(model))
-    report = cachedit.explain(model)
-    assert "graph #" in report
-    for graph in _graphs(model):
-        assert graph.declined or graph.layout is not None
-        if graph.cache is not None and graph.layout.timestep is None:
-            # no timestep in this piece and no request open: it must not cache across unknown requests
-            assert all(r.cached_steps == 0 for r in graph.cache.records)
+    options = dict(Fn=1, Bn=0, threshold=0.9, warmup_steps=2, inner="eager")
+    reference, _ = denoise(model, spec, num_steps=6)
+    fast = compiled(model, **options)
+    result, _ = denoise(fast, spec, num_steps=6)
+    assert torch.equal(result, reference)
+    pieces = _graphs(model)
+    assert len(pieces) > 1 and all(g.declined or g.layout is not None for g in pieces)
+    assert cachedit.stats(model) == [] or all(r.cached_steps == 0 for r in cachedit.stats(model))
+    with cachedit.request(model, num_inference_steps=12):
+        denoise(fast, spec, num_steps=12)
+    chained = [g for g in pieces if g.cache is not None]
+    if chained:  # Lumina2, OmniGen: the chain lives in one piece
+        assert cachedit.stats(model)[-1].source == "explicit" and cachedit.stats(model)[-1].cached_steps > 0
+    else:  # Mochi, HiDream: a break inside every block leaves no chain to cache
+        assert all("no nn.ModuleList of repeated blocks" in g.declined for g in pieces)
 
 
 @pytest.mark.parametrize("name", ["flux", "wan", "hunyuanvideo"])
@@ -247,3 +256,29 @@ def test_registered_without_import_in_a_fresh_interpreter(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEDIT_")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_new_resolution_recompiles_dynamic_and_still_splits():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+    def inputs(tokens):
+        g = torch.Generator().manual_seed(0)
+        return dict(
+            hidden_states=torch.randn(1, tokens, 16, generator=g), encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+            pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.randn(tokens, 3, generator=g),
+            txt_ids=torch.zeros(7, 3), timestep=torch.tensor([0.5]), return_dict=False,
+        )
+
+    fast = compiled(model, **EXACT)
+    with torch.no_grad():
+        for tokens in (16, 24, 40):
+            assert torch.equal(fast(**inputs(tokens))[0], model(**inputs(tokens))[0])
+    graphs = _graphs(model)
+    assert len(graphs) == 2 and all(g.layout is not None for g in graphs), cachedit.explain(model)
+    assert not graphs[1].layout.carried_shapes[0][1].isdigit(), "the second graph has a symbolic token count"

@@ -187,12 +187,13 @@ def _joined(
     outputs = {n for n in last_nodes if any(node_block.get(u) != key(last) for u in n.users)}
     if any(node_block.get(u, ("",))[0] != first.list_path for n in outputs for u in n.users if u not in last_nodes):
         return False
-    handed_on = {_shape(n) for n in first_nodes if any(u in second_nodes for u in n.users)}
+    handed_on = {shape_key(n) for n in first_nodes if any(u in second_nodes for u in n.users)}
     inputs = {a for n in first_nodes for a in n.all_input_nodes if a not in first_nodes}
-    streams = [a for a in inputs if _shape(a) in handed_on and a.op != "placeholder"]
+    streams = [a for a in inputs if shape_key(a) in handed_on and a.op != "placeholder"]
     return bool(streams) and all(a in outputs for a in streams)
 
 
-def _shape(node: torch.fx.Node):
+def shape_key(node: torch.fx.Node) -> tuple | None:
+    """A hashable (shape, dtype) of a tensor node; symbolic sizes by name, so comparing adds no guard."""
     value = node.meta.get("example_value")
-    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
+    return (tuple(str(d) for d in value.shape), value.dtype) if isinstance(value, torch.Tensor) else None

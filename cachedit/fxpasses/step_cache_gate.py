@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
-from cachedit.fxpasses.block_chain import BlockChain, NoChain
+from cachedit.fxpasses.block_chain import BlockChain, NoChain, shape_key
 
 _TIMESTEP_NAME = re.compile(r"^l_(?:kwargs_)?(timesteps?|t|sigmas?)_$")
 
@@ -52,7 +52,7 @@ class StepCacheLayout:
     bn: int
     chain_len: int
     carried: tuple[str, ...]  # middle inputs 0..len-1: the streams entering the middle
-    carried_shapes: tuple[tuple[int, ...], ...]
+    carried_shapes: tuple[tuple[str, ...], ...]  # sizes as text: symbolic sizes by name
     invariants: tuple[str, ...]  # head values the middle reads that do not change across blocks
     residual_of: tuple[int, ...]  # middle output j is a residual of carried input residual_of[j]
     primary: int  # index into carried of the stream whose head residual drives the decision
@@ -60,7 +60,7 @@ class StepCacheLayout:
     part_sizes: dict[str, int]  # nodes per part, for explain and tests
 
     def describe(self) -> str:
-        carried = ", ".join(f"{n}{list(s)}" for n, s in zip(self.carried, self.carried_shapes))
+        carried = ", ".join(f"{n}[{', '.join(s)}]" for n, s in zip(self.carried, self.carried_shapes))
         return (
             f"split F{self.fn}B{self.bn} of {self.chain_len} blocks; parts {self.part_sizes}; "
             f"carried: {carried}; primary: {self.carried[self.primary]}; "
@@ -167,7 +167,7 @@ def insert_step_cache_gate(
         bn=bn,
         chain_len=n_blocks,
         carried=tuple(n.name for n in carried),
-        carried_shapes=tuple(tuple(n.meta["example_value"].shape) for n in carried),
+        carried_shapes=tuple(shape_key(n)[0] for n in carried),
         invariants=tuple(n.name for n in invariants),
         residual_of=residual_of,
         primary=primary,
@@ -240,13 +240,11 @@ def _first_parameter(placeholders: list[torch.fx.Node]) -> torch.fx.Node:
 
 def _match(value: torch.fx.Node, candidates: list[torch.fx.Node], what: str, among: str) -> int:
     """Index of the candidate with ``value``'s shape and dtype (the first one on a tie)."""
-    v = value.meta.get("example_value")
+    key = shape_key(value)
     for i, c in enumerate(candidates):
-        e = c.meta.get("example_value")
-        if isinstance(v, torch.Tensor) and isinstance(e, torch.Tensor) and v.shape == e.shape and v.dtype == e.dtype:
+        if key is not None and shape_key(c) == key:
             return i
-    shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-    raise NoChain(f"{what} {value.name} {shape} matches none of {among} by shape and dtype")
+    raise NoChain(f"{what} {value.name} {key} matches none of {among} by shape and dtype")
 
 
 def _extract(gm, nodes, part, name, inputs, outputs, extra=None, first_inputs=None):
