@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cachedit", description="A torch.compile backend that step-caches diffusion transformers")
+    parser = argparse.ArgumentParser(
+        prog="cachedit", description="A torch.compile backend that step-caches diffusion transformers"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     from cachedit.integrations import demo
 

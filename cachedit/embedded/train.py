@@ -65,6 +65,11 @@ class TrainConfig:
     model: ModelConfig = ModelConfig()
 
 
+TINY_MODEL = ModelConfig(
+    hidden_size=32, num_heads=2, num_double_blocks=1, num_single_blocks=1, text_hidden_size=16, text_layers=1
+)
+
+
 def build_models(cfg: ModelConfig) -> tuple[FluxTransformer2DModel, WordTextEncoder]:
     head_dim = cfg.hidden_size // cfg.num_heads
     axis = 2 * ((head_dim * 3 // 8) // 2)  # rope dims per spatial axis, even; the rest on axis 0
@@ -198,7 +203,8 @@ def train(cfg: TrainConfig, work_dir: str, out: str | None, resume: bool = False
         bar.update()
         bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr:.2e}")
         if step % log_every == 0 or step == cfg.steps:
-            log.write(json.dumps({"step": step, "loss": value, "loss_ema": ema_loss, "lr": lr, "seconds": elapsed}) + "\n")
+            record = {"step": step, "loss": value, "loss_ema": ema_loss, "lr": lr, "seconds": elapsed}
+            log.write(json.dumps(record) + "\n")
             log.flush()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint()
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         step = export_checkpoint(args.work_dir, args.out)
         print(f"exported step {step} to {args.out}")
         return
-    model = ModelConfig(hidden_size=32, num_heads=2, num_double_blocks=1, num_single_blocks=1, text_hidden_size=16, text_layers=1) if args.tiny else ModelConfig()
+    model = TINY_MODEL if args.tiny else ModelConfig()
     cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,

@@ -2,9 +2,9 @@
 
 For each setting (the uncached baseline first) a fresh copy of the transformer is compiled, one
 warm-up generation absorbs the compile, and then every prompt is generated with the same seed.
-Seconds per image (the median over prompts, robust to a busy machine) exclude the compile; PSNR and SSIM compare each image with the baseline's image
-of the same prompt, in float on ``[0, 1]`` images. The grid has one row per prompt and one column
-per setting.
+Seconds per image (the median over prompts, robust to a busy machine) exclude the compile; PSNR
+and SSIM compare each image with the baseline's image of the same prompt, in float on ``[0, 1]``
+images. The grid has one row per prompt and one column per setting.
 """
 
 from __future__ import annotations
@@ -198,7 +198,10 @@ def format_table(rows: Sequence[Row]) -> str:
             )
         )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
 
 
