@@ -189,6 +189,11 @@ def ring_attention(
 
     ``mask`` (optional) has its key columns in ring order: member 0's keys, then member 1's, ...
     """
+    return ring_attention_impl(q, k, v, mask, scale, group, kv_lengths)
+
+
+def ring_attention_impl(q, k, v, mask, scale, group: str, kv_lengths: list[int]) -> torch.Tensor:
+    """The body of ``cachedit::ring_attention`` (also run on fake tensors by ``benchmarks/comm.py``)."""
     pg = dist.distributed_c10d._resolve_process_group(group)
     size, me = len(kv_lengths), dist.get_rank(pg)
     dk = k.shape[-1]
@@ -220,6 +225,10 @@ def ring_attention(
     if out is None:
         return q.new_zeros((*q.shape[:-1], v.shape[-1]))
     return out
+
+
+def _ring(q, k, v, mask, scale, group: str, kv_lengths: list[int]) -> torch.Tensor:
+    return torch.ops.cachedit.ring_attention(q, k, v, mask, scale, group, kv_lengths)
 
 
 @ring_attention.register_fake
@@ -264,7 +273,7 @@ def context_parallel_attention(
             mask = _take(mask, mask.dim() - 1, [s for m in range(world) for s in rank_spans(kv_layout, world, m)])
     if kv_layout is not None and r > 1:
         lengths = [sum(local_tokens(kv_layout, world, g * u + j) for j in range(u)) for g in range(r)]
-        out = torch.ops.cachedit.ring_attention(q, k, v, mask, scale, ring_group, lengths)
+        out = _ring(q, k, v, mask, scale, ring_group, lengths)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if u > 1:

@@ -142,7 +142,15 @@ def _run_case(case: dict, keep: list):
         result = {"out": torch.stack(outs), "stats": stats}
     else:
         with torch.no_grad():
-            result = {"out": spec.out_to_latent(compiled(**_inputs(spec, case, spec.timesteps(4)[1])))}
+            kwargs = _inputs(spec, case, spec.timesteps(4)[1])
+            result = {"out": spec.out_to_latent(compiled(**kwargs))}
+            times = []
+            for _ in range(case.get("repeat", 0)):  # wall time per forward, for benchmarks/comm.py
+                t0 = time.perf_counter()
+                compiled(**kwargs)
+                times.append(time.perf_counter() - t0)
+            if times:
+                result["forward_ms"] = 1000 * sorted(times)[len(times) // 2]
     result["explain"] = cachedit.explain(model)
     result["graphs"] = len(cachedit.api._graphs(model))
     result["seconds"] = time.perf_counter() - start
