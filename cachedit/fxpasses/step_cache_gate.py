@@ -134,7 +134,7 @@ def insert_step_cache_gate(
     middle_in = uses("head", "middle")
     carried = [n for n in middle_in if n in in_chain_block]
     invariants = [n for n in middle_in if n not in in_chain_block]
-    middle_out = uses("middle", "tail") + [n for n in uses("middle", "output") if part[n] == "middle"]
+    middle_out = uses("middle", "tail") + uses("middle", "output")
     middle_out = list(dict.fromkeys(middle_out))
     if not carried or not middle_out:
         raise NoChain(f"the middle blocks exchange no stream with the head and tail ({chain.describe()})")

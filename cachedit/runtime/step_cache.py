@@ -209,59 +209,30 @@ class StepCache:
     def gate(
         self, residual: torch.Tensor, timestep: torch.Tensor | None, param: torch.Tensor
     ) -> tuple[policy.Decision, _Branch]:
-        cfg = self.config
+        """Place this call in its request, step and branch, and decide compute or cache."""
         key, owner = self._owner(param)
         req, token = self._current(key, owner)
-        read_t = timestep is not None and (token is None or cfg.cfg is not CfgMode.BATCHED)
-        # Branches this call may belong to, each with the step it would be at.
-        candidates: list[tuple[_Branch, int]] = []
-        if req is not None and req.step >= 0:
-            candidates.append((req.branch(0), req.step + 1))
-            if cfg.cfg is not CfgMode.BATCHED and req.calls_at_step == 1 and len(req.branches) > 1:
-                candidates.append((req.branches[1], req.step))
-        reads = [timestep.reshape(-1)[:1].float()] if read_t else []
-        diffs_for = []
-        for branch, step in candidates:
-            prev = branch.prev_residual
-            if prev is not None and prev.shape == residual.shape and policy.needs_diff(cfg, branch.history, step):
-                reads.append(torch.ops.cachedit.residual_diff(prev, residual))
-                diffs_for.append(branch)
-        if diffs_for and self.reduce_sums is not None:  # context parallel: decide on the sums over all ranks
-            k = 1 if read_t else 0
-            reads[k:] = [self.reduce_sums(torch.cat(reads[k:]))]
-        # The one host synchronisation of this step.
-        values = torch.cat([r.to(residual.device) for r in reads]).tolist() if reads else []
-        t = values.pop(0) if read_t else None
-        sums = {id(b): (values[2 * i], values[2 * i + 1]) for i, b in enumerate(diffs_for)}
-
+        read_t = timestep is not None and (token is None or self.config.cfg is not CfgMode.BATCHED)
+        t, sums = self._read(req, residual, timestep if read_t else None)
         if token is not None:
             if req is None:
                 req = owner.explicit[token.id] = self._new_request(owner, "explicit", token.num_inference_steps)
                 token.users.add(self)
         elif self._starts_new(req, t):
             req = owner.local.request = self._new_request(owner, "timestep" if t is not None else "call", None)
-        if req.step >= 0 and self._is_pair(req, t):
-            index, req.calls_at_step = 1, 2
-        else:
-            if req.last_t is not None and t is not None and t != req.last_t:
-                req.direction = 1 if t > req.last_t else -1
-            req.step += 1
-            req.stats.steps = req.step + 1
-            index, req.calls_at_step = 0, 1
-        req.last_t = t
-        branch = req.branch(index)
+        branch = self._advance(req, t)
 
-        diff = None
-        if id(branch) in sums:
-            num, den = sums[id(branch)]
-            diff = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
-        elif policy.needs_diff(cfg, branch.history, req.step):
-            diff = float("inf")  # residual shape changed since the last computed step: compute
         if token is None and timestep is None:
             # Caching across a boundary we cannot see could mix two requests: compute.
             decision = policy.Decision(policy.Action.COMPUTE, policy.Reason.UNKNOWN_REQUEST, req.step)
         else:
-            decision = policy.decide(cfg, branch.history, req.step, diff)
+            diff = None
+            if id(branch) in sums:
+                num, den = sums[id(branch)]
+                diff = num / den if den > 0 else float("inf")  # 0/0 is NaN in cache-dit: never similar
+            elif policy.needs_diff(self.config, branch.history, req.step):
+                diff = float("inf")  # the residual's shape changed since the last computed step
+            decision = policy.decide(self.config, branch.history, req.step, diff)
         policy.record(branch.history, decision)
         stats = branch.stats
         (stats.cached_steps if decision.cache else stats.computed_steps).append(req.step)
@@ -271,6 +242,46 @@ class StepCache:
         if not decision.cache:
             branch.prev_residual = residual
         return decision, branch
+
+    def _read(
+        self, req: _Request | None, residual: torch.Tensor, timestep: torch.Tensor | None
+    ) -> tuple[float | None, dict[int, tuple[float, float]]]:
+        """Read the timestep and the diff sums of every branch this call may belong to, in one go.
+
+        Returns the timestep (None when not read) and ``id(branch) -> (sum|prev - cur|, sum|prev|)``.
+        """
+        candidates: list[tuple[_Branch, int]] = []  # (branch, the step it would be at)
+        if req is not None and req.step >= 0:
+            candidates.append((req.branch(0), req.step + 1))
+            if self.config.cfg is not CfgMode.BATCHED and req.calls_at_step == 1 and len(req.branches) > 1:
+                candidates.append((req.branches[1], req.step))
+        reads = [timestep.reshape(-1)[:1].float()] if timestep is not None else []
+        diffs_for = []
+        for branch, step in candidates:
+            prev = branch.prev_residual
+            if prev is not None and prev.shape == residual.shape and policy.needs_diff(self.config, branch.history, step):
+                reads.append(torch.ops.cachedit.residual_diff(prev, residual))
+                diffs_for.append(branch)
+        if diffs_for and self.reduce_sums is not None:  # context parallel: decide on the sums over all ranks
+            k = 1 if timestep is not None else 0
+            reads[k:] = [self.reduce_sums(torch.cat(reads[k:]))]
+        # The one host synchronisation of this step.
+        values = torch.cat([r.to(residual.device) for r in reads]).tolist() if reads else []
+        t = values.pop(0) if timestep is not None else None
+        return t, {id(b): (values[2 * i], values[2 * i + 1]) for i, b in enumerate(diffs_for)}
+
+    def _advance(self, req: _Request, t: float | None) -> _Branch:
+        """Move ``req`` to this call: the second call of a CFG pair, or the next step."""
+        if req.step >= 0 and self._is_pair(req, t):
+            index, req.calls_at_step = 1, 2
+        else:
+            if req.last_t is not None and t is not None and t != req.last_t:
+                req.direction = 1 if t > req.last_t else -1
+            req.step += 1
+            req.stats.steps = req.step + 1
+            index, req.calls_at_step = 0, 1
+        req.last_t = t
+        return req.branch(index)
 
     # -- the reuse node -------------------------------------------------------------------------
 
