@@ -60,11 +60,18 @@ class StepCacheLayout:
     part_sizes: dict[str, int]  # nodes per part, for explain and tests
 
     def describe(self) -> str:
-        carried = ", ".join(f"{n}[{', '.join(s)}]" for n, s in zip(self.carried, self.carried_shapes))
-        return (
-            f"split F{self.fn}B{self.bn} of {self.chain_len} blocks; parts {self.part_sizes}; "
-            f"carried: {carried}; primary: {self.carried[self.primary]}; "
-            f"invariants: {', '.join(self.invariants) or 'none'}; timestep input: {self.timestep or 'none'}"
+        carried = ", ".join(
+            f"{n} [{', '.join(s)}]" + (" (primary)" if i == self.primary else "")
+            for i, (n, s) in enumerate(zip(self.carried, self.carried_shapes))
+        )
+        sizes = " | ".join(f"{p} {n} nodes" for p, n in self.part_sizes.items())
+        return "\n".join(
+            [
+                f"split F{self.fn}B{self.bn} of {self.chain_len} blocks: {sizes}",
+                f"carried: {carried}",
+                f"invariants: {', '.join(self.invariants) or 'none'}",
+                f"timestep input: {self.timestep or 'none (caches only inside cachedit.request)'}",
+            ]
         )
 
 

@@ -42,7 +42,7 @@ class CompiledGraph:
         if self.parallel:
             lines.append(f"  context parallel: {self.parallel}")
         if self.layout is not None:
-            lines.append(f"  {self.layout.describe()}")
+            lines += [f"  {line}" for line in self.layout.describe().splitlines()]
         if self.declined:
             lines.append(f"  not step-cached: {self.declined}")
         return "\n".join(lines)
