@@ -339,12 +339,10 @@ class _Rules:
             if isinstance(value, torch.fx.Node) and info(value) is not None:
                 self.decline(node, "it writes sharded tokens into an unsharded tensor")
             return None
-        view, span = self.index(node, t, _shape(target), index)
-        if span != (0, t.size):
-            self.decline(node, "it writes a slice of the token dim")
+        view, _ = self.index(node, t, _shape(target), index)  # a token slice must fall on segment bounds
         if isinstance(value, torch.fx.Node):
             vt, vshape = info(value), _shape(value)
-            view_ndim = len(_shape(target)) - sum(isinstance(i, int) for i in (index if isinstance(index, tuple) else [index]))
+            view_ndim = _view_ndim(_shape(target), index)
             if vt is None:
                 aligned = view.dim - (view_ndim - len(vshape))
                 if aligned >= 0 and vshape[aligned] != 1:
@@ -419,6 +417,12 @@ class _Rules:
         sizes = [o.shape[dim] for o in outs]
         bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
         return tuple(TokenDim(dim, self.sub_layout(node, t.layout, a, b)) for a, b in zip(bounds, bounds[1:]))
+
+
+def _view_ndim(shape, index) -> int:
+    """Dims of ``x[index]`` for basic indexing (ints drop a dim, None adds one)."""
+    items = index if isinstance(index, tuple) else (index,)
+    return len(shape) - sum(isinstance(i, int) for i in items) + sum(i is None for i in items)
 
 
 class _Refine(Exception):
@@ -554,13 +558,18 @@ def _backward_setitem(node, dim, rules):
 
 
 def _candidates_value(node, value, dim, rules):
+    """The value written by ``target[index] = value`` holds tokens where the indexed view of target does."""
     shape = _shape(value)
     tshape = _shape(node.args[0])
     index = node.args[1]
     items = index if isinstance(index, tuple) else (index,)
-    view_ndim = len(tshape) - sum(isinstance(i, int) for i in items)
-    d = dim - (view_ndim - len(shape))
-    return [(value, d)] if 0 <= d < len(shape) and shape[d] == tshape[dim] else []
+    try:
+        view, _ = rules.index(node, TokenDim(dim, (tshape[dim],)), tshape, index)
+    except ShardDeclined:
+        return []
+    view_ndim = _view_ndim(tshape, index)
+    d = view.dim - (view_ndim - len(shape))
+    return [(value, d)] if 0 <= d < len(shape) and shape[d] == view.size else []
 
 
 def _propagate(region, seeds, layouts, origin):

@@ -16,6 +16,8 @@ import torch
 from tests.distributed.harness import launch, local, reference
 
 MODELS = ["flux", "sd3", "qwenimage", "wan", "hunyuanvideo", "cogvideox", "ltx", "pixart"]
+# more rows of tests/models.py whose plan is derived unaided; only the full matrix runs them
+MORE_MODELS = ["flux2", "chroma", "auraflow", "cogview4", "allegro", "dit", "hunyuandit", "kandinsky5", "skyreelsv2"]
 EAGER = {"inner": "eager", "threshold": 0.0, "Fn": 1}  # threshold 0: never cache, so CP alone is tested
 FULL = os.environ.get("FULL_CP_MATRIX") == "1"
 # fp32 all the way; only the reduction order of attention and of the LSE merge differs from one process
@@ -30,12 +32,13 @@ def _case(id_, model, **options):
 
 
 def _world2():
-    cases = [_case(f"ulysses2-{m}", m, ulysses=2) for m in MODELS]
+    cases = [_case(f"ulysses2-{m}", m, ulysses=2) for m in MODELS + (MORE_MODELS if FULL else [])]
     ring = MODELS if FULL else ["flux", "qwenimage", "wan", "pixart"]
     cases += [_case(f"ring2-{m}", m, ring=2) for m in ring]
     cases += [_case("ulysses2-uneven", "wan", ulysses=2, **UNEVEN), _case("ring2-uneven", "wan", ring=2, **UNEVEN)]
     cases.append(_case("ulysses2-inductor-flux", "flux", ulysses=2, inner="inductor"))
     cases.append(_case("ulysses2-fp8-flux", "flux", ulysses=2, fp8_comm=True))
+    cases.append(_case("declined-sana", "sana", ulysses=2))  # linear attention: no safe plan
     cases.append({**_case("cache-ulysses2-flux", "flux", ulysses=2, threshold=0.3, warmup_steps=2), **CACHED})
     return cases
 
@@ -105,7 +108,23 @@ def test_fp8_communication_error_in_db(world2):
         assert snr >= 25, f"rank {rank}: {snr:.1f} dB"
 
 
-@pytest.mark.parametrize("case_id", [c["id"] for c in _world2() if "steps" not in c and "fp8" not in c["id"]])
+def test_no_safe_plan_runs_replicated_with_the_reason(world2):
+    """Sana's linear attention (a matmul over all tokens) has no sharded form: every rank runs it whole."""
+    cases, results = world2
+    case = next(c for c in cases if c["id"] == "declined-sana")
+    expected = reference(case)
+    for rank, per_rank in enumerate(results):
+        got = per_rank[case["id"]]
+        assert "error" not in got, f"rank {rank}: {got.get('error')}"
+        assert "replicated on 2 ranks (Ulysses-2 declined)" in got["explain"], got["explain"]
+        assert "matmul" in got["explain"]
+        err = ((got["out"] - expected).abs().max() / expected.abs().max()).item()
+        assert err < TOL, f"rank {rank}: max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "case_id", [c["id"] for c in _world2() if "steps" not in c and "fp8" not in c["id"] and "declined" not in c["id"]]
+)
 def test_world2(world2, case_id):
     mode = "Ulysses-2" if case_id.startswith("ulysses2") else "Ring-2"
     _check(world2, case_id, mode)

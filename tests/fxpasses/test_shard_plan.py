@@ -52,6 +52,7 @@ EXPECTED = [
     ("cogvideox", {(32,), (7,)}, 0),
     ("ltx", {(32,)}, 3),
     ("pixart", {(16,)}, 3),
+    ("cogview4", {(16,), (7,)}, 0),  # rotary written in place into the image slice of [text | image]
 ]
 
 
@@ -65,7 +66,7 @@ def test_plan_finds_streams_and_cross_attention(name, layouts, cross):
     assert len(list(gm.graph.nodes)) == len(list(_graph(name).graph.nodes))  # an analysis: no mutation
 
 
-@pytest.mark.parametrize("name", ["flux", "wan", "cogvideox"])
+@pytest.mark.parametrize("name", ["flux", "wan", "cogview4"])
 @pytest.mark.parametrize("world,rank", [(2, 1), (4, 3)])
 def test_rewrite_passes_the_guard_rail_with_local_shapes(name, world, rank):
     gm, chain, plan = _plan(name)
