@@ -31,7 +31,6 @@ through it (the all-to-alls and the all-gather are functional collectives) and f
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Optional
 
 import torch
@@ -41,7 +40,6 @@ import torch.nn.functional as F
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
 from cachedit.config import CacheditConfig
 
-log = logging.getLogger("cachedit")
 
 
 def local_length(n: int, world: int, rank: int) -> int:
