@@ -11,7 +11,8 @@ Analytical minimum per attention per rank, n = S/P tokens held, E = H·D·2 byte
 - Ring: every other rank's K and V must reach this one: 2·(P-1)·n·E
 - USP u x r: Ulysses inside the group, 4·(u-1)/u·n·E, plus the ring of K/V blocks of u·n tokens and
   H/u heads across r groups, 2·(r-1)·n·E
-FP8 halves Q, V and O (plus 4 bytes of scale per token and head); K stays bf16.
+FP8 halves Q, V and O (plus 4 bytes of scale per token and head); K stays bf16 (in the all-to-all
+and around the ring).
 
 CPU wall times of the tiny Flux (tests/models.py) at P = 2 are a record only: 2 shared cores cannot
 show scaling. Run: ``python benchmarks/comm.py [--no-wall]``.
@@ -102,15 +103,22 @@ def wall_times() -> list[list[object]]:
     from tests.distributed.harness import launch
 
     base = {"inner": "eager", "threshold": 0.0, "Fn": 1}
-    modes = {"Ulysses-2": {"ulysses": 2}, "Ring-2": {"ring": 2}, "Ulysses-2 FP8": {"ulysses": 2, "fp8_comm": True}}
+    modes = {
+        "Ulysses-2": {"ulysses": 2},
+        "Ring-2": {"ring": 2},
+        "Ulysses-2 FP8": {"ulysses": 2, "fp8_comm": True},
+        "Ring-2 FP8": {"ring": 2, "fp8_comm": True},
+    }
     cases = [{"id": k, "model": "flux", "options": {**base, **v}, "repeat": 20} for k, v in modes.items()]
     results = launch(cases, 2, timeout=600)
     rows = []
     for case in cases:
         ms = [r[case["id"]]["forward_ms"] for r in results]
         rows.append([case["id"], f"{min(ms):.1f}", f"{max(ms):.1f}"])
-    exact, quantized = results[0]["Ulysses-2"]["out"], results[0]["Ulysses-2 FP8"]["out"]
-    snr = 10 * torch.log10(exact.pow(2).sum() / (quantized - exact).pow(2).sum()).item()
+    snr = {}
+    for mode in ("Ulysses-2", "Ring-2"):
+        exact, quantized = results[0][mode]["out"], results[0][f"{mode} FP8"]["out"]
+        snr[mode] = 10 * torch.log10(exact.pow(2).sum() / (quantized - exact).pow(2).sum()).item()
     return rows, snr
 
 
@@ -125,8 +133,6 @@ def main() -> None:
             name = f"Ulysses-{u}" if r == 1 else f"Ring-{r}" if u == 1 else f"USP {u}x{r}"
             low = minimum(u, r)
             for fp8 in (False, True):
-                if fp8 and u == 1:
-                    continue  # FP8 applies to the all-to-all payloads; the ring sends K/V in the model dtype
                 per = max(attention_bytes(u, r, fp8, rank) for rank in range(world))
                 step = per * ATTENTIONS + gather_bytes(world)
                 rows.append(
@@ -156,8 +162,9 @@ def main() -> None:
             "",
             f"(wall-time launch took {time.perf_counter() - start:.0f} s)",
             "",
-            f"FP8 communication error on the tiny Flux, output against the unquantized Ulysses-2 run: {snr:.1f} dB "
-            "(head dim 16, so the packed scales make its payload 0.625x bf16 there; 0.516x at head dim 128).",
+            "FP8 communication error on the tiny Flux, output against the unquantized run: "
+            f"Ulysses-2 (Q, V, O in FP8) {snr['Ulysses-2']:.1f} dB, Ring-2 (V in FP8) {snr['Ring-2']:.1f} dB "
+            "(head dim 16, so the packed scales make an FP8 payload 0.625x bf16 there; 0.516x at head dim 128).",
         ]
     body += [
         "",

@@ -22,7 +22,8 @@ log-sum-exp in fp32 (``cachedit::merge_attention``). It is an opaque custom op b
 cannot issue point-to-point sends. USP runs Ulysses within the group and the ring across groups.
 
 FP8 (``fp8_comm``): Q, V and O payloads travel as float8_e4m3fn with one fp32 scale per (token, head)
-packed after each row (``cachedit::fp8_quantize``); K travels unquantized, as in cache-dit.
+packed after each row (``cachedit::fp8_quantize``); K travels unquantized, as in cache-dit. Around the
+ring, V travels as FP8 and K as raw bytes in the same buffer.
 
 Every function the rewrite calls takes only tensors and plain literals, so FX prints it, Inductor traces
 through it (the all-to-alls and the all-gather are functional collectives) and fake tensors propagate.
@@ -182,21 +183,37 @@ def ring_attention(
     scale: Optional[float],
     group: str,
     kv_lengths: list[int],
+    fp8: bool,
 ) -> torch.Tensor:
     """Attention of the local queries over the K/V of every ring member; ``kv_lengths[j]``: member j's keys.
 
     ``mask`` (optional) has its key columns in ring order: member 0's keys, then member 1's, ...
+    With ``fp8``, V travels as FP8 with packed scales and K as raw bytes (the local block stays exact).
     """
-    return ring_attention_impl(q, k, v, mask, scale, group, kv_lengths)
+    return ring_attention_impl(q, k, v, mask, scale, group, kv_lengths, fp8)
 
 
-def ring_attention_impl(q, k, v, mask, scale, group: str, kv_lengths: list[int]) -> torch.Tensor:
+def _pack_kv(k: torch.Tensor, v: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """One send buffer per step: ``[K | V]``, or with ``fp8`` the bytes of K then V's FP8 payload (uint8)."""
+    if not fp8:
+        return torch.cat([k, v], dim=-1).contiguous()  # [B, H, s, Dk + Dv]
+    return torch.cat([k.contiguous().view(torch.uint8), _fp8_pack(v)], dim=-1).contiguous()
+
+
+def _unpack_kv(block: torch.Tensor, dk: int, dtype: torch.dtype, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not fp8:
+        return block[..., :dk], block[..., dk:]
+    nk = dk * torch.empty((), dtype=dtype).element_size()
+    return block[..., :nk].contiguous().view(dtype), _fp8_unpack(block[..., nk:].contiguous(), dtype)
+
+
+def ring_attention_impl(q, k, v, mask, scale, group: str, kv_lengths: list[int], fp8: bool = False) -> torch.Tensor:
     """The body of ``cachedit::ring_attention`` (also run on fake tensors by ``benchmarks/comm.py``)."""
     pg = dist.distributed_c10d._resolve_process_group(group)
     size, me = len(kv_lengths), dist.get_rank(pg)
     dk = k.shape[-1]
     starts = [sum(kv_lengths[:j]) for j in range(size)]
-    block = torch.cat([k, v], dim=-1).contiguous()  # [B, H, s_me, Dk + Dv]: one send per step
+    block = _pack_kv(k, v, fp8) if size > 1 else None  # one send per step
     src, out, lse = me, None, None
     for step in range(size):
         pending = []
@@ -209,8 +226,8 @@ def ring_attention_impl(q, k, v, mask, scale, group: str, kv_lengths: list[int])
                     dist.P2POp(dist.irecv, recv, group=pg, group_peer=(me - 1) % size),
                 ]
             )
-        if kv_lengths[src] > 0:
-            kb, vb = block[..., :dk], block[..., dk:]
+        if kv_lengths[src] > 0:  # overlaps the transfer above
+            kb, vb = (k, v) if step == 0 else _unpack_kv(block, dk, k.dtype, fp8)
             mb = mask
             if mask is not None and mask.shape[-1] > 1:
                 mb = mask[..., starts[src] : starts[src] + kv_lengths[src]]
@@ -225,12 +242,12 @@ def ring_attention_impl(q, k, v, mask, scale, group: str, kv_lengths: list[int])
     return out
 
 
-def _ring(q, k, v, mask, scale, group: str, kv_lengths: list[int]) -> torch.Tensor:
-    return torch.ops.cachedit.ring_attention(q, k, v, mask, scale, group, kv_lengths)
+def _ring(q, k, v, mask, scale, group: str, kv_lengths: list[int], fp8: bool) -> torch.Tensor:
+    return torch.ops.cachedit.ring_attention(q, k, v, mask, scale, group, kv_lengths, fp8)
 
 
 @ring_attention.register_fake
-def _(q, k, v, mask, scale, group, kv_lengths):
+def _(q, k, v, mask, scale, group, kv_lengths, fp8):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -271,7 +288,7 @@ def context_parallel_attention(
             mask = _take(mask, mask.dim() - 1, [s for m in range(world) for s in rank_spans(kv_layout, world, m)])
     if kv_layout is not None and r > 1:
         lengths = [sum(local_tokens(kv_layout, world, g * u + j) for j in range(u)) for g in range(r)]
-        out = _ring(q, k, v, mask, scale, ring_group, lengths)
+        out = _ring(q, k, v, mask, scale, ring_group, lengths, fp8)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if u > 1:
