@@ -153,7 +153,8 @@ def _localise(node: torch.fx.Node, info, global_shapes, mesh) -> None:
         node.args, node.kwargs = (src, *_local_shape(global_shapes[node].shape, t, mesh)), {}
     elif name in ("split", "split_with_sizes", "chunk") and isinstance(t, tuple):
         st = info(src)
-        dim = t[0].dim if t and t[0] is not None else None
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        dim = dim + len(global_shapes[src].shape) if dim < 0 else dim
         if st is not None and dim == st.dim:
             sizes = [_local(x, mesh) for x in t]
             node.op, node.target = "call_method", "split_with_sizes"

@@ -69,9 +69,63 @@ def launch(cases: list[dict], world: int, timeout: float = 240.0) -> list[dict]:
         return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
 
 
+class _MaskBlock(torch.nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.out = torch.nn.Linear(width, width)
+
+    def forward(self, x, mask):
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask [1, 1, S, S]
+        return x + self.out(o.transpose(1, 2).flatten(2))
+
+
+class ToyMaskModel(torch.nn.Module):
+    """Blocks whose attention takes a full [1, 1, S, S] additive mask made in the prologue (no diffusers
+    row has one): the rows and columns of the mask must follow the tokens each rank holds."""
+
+    def __init__(self, width: int = 16, heads: int = 2, blocks: int = 3):
+        super().__init__()
+        self.proj_in = torch.nn.Linear(4, width)
+        self.blocks = torch.nn.ModuleList([_MaskBlock(width, heads) for _ in range(blocks)])
+        self.proj_out = torch.nn.Linear(width, 4)
+
+    def forward(self, hidden_states, bias, timestep):
+        x = self.proj_in(hidden_states) + timestep[:, None, None]
+        mask = torch.tril(bias) - 0.5 * torch.triu(bias, diagonal=1)  # asymmetric, so order matters
+        for block in self.blocks:
+            x = block(x, mask[None, None])
+        return self.proj_out(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToySpec:
+    tokens: int = 13  # not divisible by 2 or 4
+
+    def build(self):
+        torch.manual_seed(0)
+        return ToyMaskModel().eval()
+
+    def timesteps(self, n):
+        return [1.0 - i / n for i in range(n)]
+
+    def inputs(self, t, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return {"hidden_states": torch.randn(1, self.tokens, 4, generator=g),
+                "bias": torch.randn(self.tokens, self.tokens, generator=g),
+                "timestep": torch.tensor([t])}
+
+    def out_to_latent(self, out):
+        return out
+
+
 def _spec(case: dict):
     from tests import models
 
+    if case["model"] == "toy-mask":
+        return _ToySpec()
     spec = models.get(case["model"])
     if case.get("config"):
         spec = dataclasses.replace(spec, config={**spec.config, **case["config"]})
