@@ -184,7 +184,8 @@ def _run_case(case: dict, keep: list):
     spec = _spec(case)
     model = spec.build()
     keep.append(model)
-    compiled = torch.compile(model, backend="cachedit", fullgraph=True, options=case["options"])
+    os.environ.update(case.get("env", {}))  # read by the backend when it compiles (first call below)
+    compiled = torch.compile(model, backend="cachedit", fullgraph=True, options=case["options"] or None)
     if case.get("steps", 1) > 1:
         outs = []
         for _ in range(case.get("requests", 1)):
@@ -205,6 +206,8 @@ def _run_case(case: dict, keep: list):
                 times.append(time.perf_counter() - t0)
             if times:
                 result["forward_ms"] = 1000 * sorted(times)[len(times) // 2]
+    for key in case.get("env", {}):
+        del os.environ[key]
     result["explain"] = cachedit.explain(model)
     result["graphs"] = len(cachedit.api._graphs(model))
     result["seconds"] = time.perf_counter() - start
