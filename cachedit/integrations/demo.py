@@ -44,13 +44,16 @@ def default_settings(inner: str) -> list[Setting]:
     """Baseline, then DBCache from conservative to aggressive.
 
     Thresholds are set against the embedded model's residual-diff curve (BENCHMARKS.md, "Embedded
-    model"): its first-block diff sits around 0.02-0.1 in the middle of a 28-step generation.
+    model"): step to step, its first-block residual changes by about 0.07-0.10 (relative L1), and the
+    diff DBCache checks is against the last computed step, so it grows while steps are cached.
+    0.08 is cache-dit's default. cachedit has no TaylorSeer yet, so the strongest setting is DBCache
+    with a high threshold and a short warmup.
     """
     base = {"Fn": 1, "Bn": 0, "warmup_steps": 4, "inner": inner}
     return [
         Setting(f"baseline ({inner})", None),
-        Setting("DBCache F1B0 t=0.05", {**base, "threshold": 0.05}),
-        Setting("DBCache F1B0 t=0.12", {**base, "threshold": 0.12}),
+        Setting("DBCache F1B0 t=0.08", {**base, "threshold": 0.08}),
+        Setting("DBCache F1B0 t=0.15", {**base, "threshold": 0.15}),
         Setting("DBCache F1B0 t=0.3 (strongest)", {**base, "threshold": 0.3, "warmup_steps": 2}),
     ]
 

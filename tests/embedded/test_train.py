@@ -5,8 +5,7 @@ import torch
 from cachedit.embedded import train
 from cachedit.embedded.pipeline import EmbeddedDiTPipeline
 
-TINY = train.ModelConfig(hidden_size=32, num_heads=2, num_double_blocks=1, num_single_blocks=1,
-                         text_hidden_size=16, text_layers=1)
+TINY = train.TINY_MODEL
 
 
 def test_training_smoke_runs_logs_and_exports(tmp_path):
