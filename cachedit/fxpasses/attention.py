@@ -114,6 +114,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, chain: BlockChain, plan: ShardPl
 
     graph.lint()
     result = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    result.meta = dict(getattr(gm, "meta", {}))
     _guard_rail(result, region, info, global_shapes, mesh)
     result.recompile()
     return result
@@ -220,9 +221,10 @@ def _guard_rail(gm: torch.fx.GraphModule, region, info, global_shapes, mesh) -> 
                 expected = _local_shape(b.shape, x, mesh)
                 if tuple(new[k].shape) != expected:
                     raise ShardDeclined(f"guard rail: {node.name}[{k}] has shape {tuple(new[k].shape)}, expected {expected}")
-    for node in gm.graph.nodes:
-        if "val" in node.meta:
-            node.meta["example_value"] = node.meta["val"]
+    for node in gm.graph.nodes:  # Dynamo's own metadata key; placeholders keep Dynamo's values
+        value = node.meta.pop("val", None)
+        if value is not None and node.op != "placeholder":
+            node.meta["example_value"] = value
 
 
 __all__ = ["rewrite_attention", "is_sdpa"]

@@ -76,33 +76,38 @@ class _MaskBlock(torch.nn.Module):
         self.qkv = torch.nn.Linear(width, 3 * width)
         self.out = torch.nn.Linear(width, width)
 
-    def forward(self, x, mask):
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+    def forward(self, x, c, mask):
+        joint = torch.cat([c, x], dim=1)  # [text | image]: rank-major order differs from global order
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(joint).chunk(3, dim=-1))
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask [1, 1, S, S]
-        return x + self.out(o.transpose(1, 2).flatten(2))
+        dc, dx = self.out(o.transpose(1, 2).flatten(2)).split([c.shape[1], x.shape[1]], dim=1)
+        return x + dx, c + dc
 
 
 class ToyMaskModel(torch.nn.Module):
-    """Blocks whose attention takes a full [1, 1, S, S] additive mask made in the prologue (no diffusers
-    row has one): the rows and columns of the mask must follow the tokens each rank holds."""
+    """Joint-attention blocks whose attention takes a full [1, 1, S, S] additive mask made in the prologue
+    (no diffusers row has one): its rows and columns must follow the tokens each rank holds."""
 
     def __init__(self, width: int = 16, heads: int = 2, blocks: int = 3):
         super().__init__()
         self.proj_in = torch.nn.Linear(4, width)
+        self.context_in = torch.nn.Linear(4, width)
         self.blocks = torch.nn.ModuleList([_MaskBlock(width, heads) for _ in range(blocks)])
         self.proj_out = torch.nn.Linear(width, 4)
 
-    def forward(self, hidden_states, bias, timestep):
+    def forward(self, hidden_states, context, bias, timestep):
         x = self.proj_in(hidden_states) + timestep[:, None, None]
+        c = self.context_in(context)
         mask = torch.tril(bias) - 0.5 * torch.triu(bias, diagonal=1)  # asymmetric, so order matters
         for block in self.blocks:
-            x = block(x, mask[None, None])
+            x, c = block(x, c, mask[None, None])
         return self.proj_out(x)
 
 
 @dataclasses.dataclass(frozen=True)
 class _ToySpec:
-    tokens: int = 13  # not divisible by 2 or 4
+    tokens: int = 13  # image tokens; with 5 text tokens neither is divisible by 2 or 4
+    text: int = 5
 
     def build(self):
         torch.manual_seed(0)
@@ -113,8 +118,10 @@ class _ToySpec:
 
     def inputs(self, t, seed=0):
         g = torch.Generator().manual_seed(seed)
+        n = self.tokens + self.text
         return {"hidden_states": torch.randn(1, self.tokens, 4, generator=g),
-                "bias": torch.randn(self.tokens, self.tokens, generator=g),
+                "context": torch.randn(1, self.text, 4, generator=g),
+                "bias": 3 * torch.randn(n, n, generator=g),
                 "timestep": torch.tensor([t])}
 
     def out_to_latent(self, out):
