@@ -293,19 +293,15 @@ class _Rules:
         if not self.strict:
             t = next(i for i in infos if i is not None)
             return TokenDim(t.dim, (out[t.dim],))
-        if any(i is None for i in infos):
-            if dim == next(i for i in infos if i is not None).dim:
-                self.decline(node, "it concatenates unsharded tokens to sharded ones")
-            for a, i in zip(tensors, infos):
-                if i is None and _shape(a)[next(x for x in infos if x is not None).dim] != 1:
-                    self.decline(node, f"it concatenates {a.name}, which is unsharded at full length")
-        if dim == infos[0].dim if infos[0] is not None else False:
+        first = next(i for i in infos if i is not None)
+        if any(i is None for i in infos):  # cat does not broadcast: the other operand has all the tokens
+            self.decline(node, "it concatenates sharded tokens with an unsharded tensor")
+        if dim == first.dim:
             if any(i.dim != dim for i in infos):
                 self.decline(node, "its operands hold tokens on different dims")
             return TokenDim(dim, tuple(s for i in infos for s in i.layout))
-        first = next(i for i in infos if i is not None)
         for a, i in zip(tensors, infos):
-            if i is not None and i != first:
+            if i != first:
                 self.merge(node, first, i, a)
         return first
 
