@@ -163,5 +163,8 @@ def _context_parallel(gm: torch.fx.GraphModule, config: CacheditConfig, record: 
         log.log(logging.WARNING, f"cachedit: context parallelism declined, running replicated: {reason}")
         return gm, None
     record.parallel = f"{mesh.describe()}: {plan.describe()}"
+    heads = min(a.heads for a in plan.attentions)
+    if mesh.ulysses > heads:  # correct (uneven head split), but those ranks idle during attention
+        record.parallel += f"; note: ulysses={mesh.ulysses} > {heads} heads, some ranks hold no head (prefer USP)"
     log.log(logging.INFO, f"cachedit: {record.parallel}")
     return rewritten, mesh
