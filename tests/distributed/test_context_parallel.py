@@ -42,6 +42,9 @@ def _world2():
     cases.append(_case("ring2-fp8-flux", "flux", ring=2, fp8_comm=True))
     cases.append(_case("declined-sana", "sana", ulysses=2))  # linear attention: no safe plan
     cases += [_case("ulysses2-toy-mask", "toy-mask", ulysses=2), _case("ring2-toy-mask", "toy-mask", ring=2)]
+    cases.append(_case("ring2-inductor-toy-mask", "toy-mask", ring=2, inner="inductor"))  # the ring op compiled
+    if FULL:
+        cases += [_case(f"ring2-inductor-{m}", m, ring=2, inner="inductor") for m in ("wan", "qwenimage")]
     # torchrun + environment only, as a serving stack would run it: no options at all
     env = {"CACHEDIT_ULYSSES": "2", "CACHEDIT_INNER": "eager", "CACHEDIT_THRESHOLD": "0"}
     cases.append({"id": "ulysses2-env-toy-mask", "model": "toy-mask", "options": {}, "env": env})
