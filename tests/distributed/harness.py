@@ -140,7 +140,7 @@ def _spec(case: dict):
 
 
 def _inputs(spec, case: dict, t: float):
-    kwargs = spec.inputs(t, seed=case.get("seed", 0))
+    kwargs = spec.inputs(t, seed=case.get("seed", 0), **({"batch": case["batch"]} if "batch" in case else {}))
     if case.get("shape"):
         g = torch.Generator().manual_seed(1)
         kwargs[spec.latent_key] = torch.randn(case["shape"], generator=g)

@@ -45,6 +45,7 @@ def _world2():
     cases.append(_case("ring2-inductor-toy-mask", "toy-mask", ring=2, inner="inductor"))  # the ring op compiled
     if FULL:
         cases += [_case(f"ring2-inductor-{m}", m, ring=2, inner="inductor") for m in ("wan", "qwenimage")]
+        cases += [{**_case(f"{k}2-batch2-{m}", m, **{k: 2}), "batch": 2} for m in ("flux", "wan") for k in ("ulysses", "ring")]
     # torchrun + environment only, as a serving stack would run it: no options at all
     env = {"CACHEDIT_ULYSSES": "2", "CACHEDIT_INNER": "eager", "CACHEDIT_THRESHOLD": "0"}
     cases.append({"id": "ulysses2-env-toy-mask", "model": "toy-mask", "options": {}, "env": env})
