@@ -246,12 +246,28 @@ def _first_parameter(placeholders: list[torch.fx.Node]) -> torch.fx.Node:
 
 
 def _match(value: torch.fx.Node, candidates: list[torch.fx.Node], what: str, among: str) -> int:
-    """Index of the candidate with ``value``'s shape and dtype (the first one on a tie)."""
+    """Index of the candidate that ``value`` continues: same shape and dtype.
+
+    When several candidates share the shape (text and image token counts can coincide, more so per
+    rank under context parallelism), prefer the one ``value`` reaches through same-shaped ancestors
+    only: the residual path of its own stream, which the other stream joins only through reshapes.
+    """
     key = shape_key(value)
-    for i, c in enumerate(candidates):
-        if key is not None and shape_key(c) == key:
-            return i
-    raise NoChain(f"{what} {value.name} {key} matches none of {among} by shape and dtype")
+    same = [i for i, c in enumerate(candidates) if key is not None and shape_key(c) == key]
+    if not same:
+        raise NoChain(f"{what} {value.name} {key} matches none of {among} by shape and dtype")
+    if len(same) > 1:
+        reached, frontier = set(), [value]
+        while frontier:
+            node = frontier.pop()
+            if node in reached:
+                continue
+            reached.add(node)
+            frontier += [a for a in node.all_input_nodes if shape_key(a) == key]
+        own = [i for i in same if candidates[i] in reached]
+        if len(own) == 1:
+            return own[0]
+    return same[0]
 
 
 def _extract(gm, nodes, part, name, inputs, outputs, extra=None, first_inputs=None):
