@@ -100,6 +100,24 @@ def test_inductor_parts_match_eager(name):
     assert _graphs(model)[-1].layout is not None, cachedit.explain(model)
 
 
+def test_inductor_cached_steps_match_eager_parts():
+    """Cached steps under Inductor: the tail gets ``h + residual`` in the layout it was compiled for.
+
+    Flux's last single block hands the epilogue a strided slice of the joint [text | image] stream
+    (visible with batch 2), so a plain ``h + residual`` would be contiguous, which the tail's input
+    assertions reject.
+    """
+    spec = get("flux")
+    options = dict(Fn=1, Bn=0, threshold=0.9, warmup_steps=2)
+    eager_model, inductor_model = spec.build(), spec.build()
+    expected, _ = denoise(compiled(eager_model, inner="eager", **options), spec, num_steps=10, batch=2)
+    result, _ = denoise(compiled(inductor_model, **options), spec, num_steps=10, batch=2)
+    eager_stats, inductor_stats = cachedit.stats(eager_model)[-1], cachedit.stats(inductor_model)[-1]
+    assert inductor_stats.cached_steps > 0
+    assert inductor_stats.branches["main"].cached_steps == eager_stats.branches["main"].cached_steps
+    assert (result - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 class _Recorder:
     """Wraps the reuse node and the tail to capture what crosses the part boundaries at each step."""
 

@@ -75,6 +75,7 @@ class _Branch:
     stats: BranchStats = dataclasses.field(default_factory=BranchStats)
     prev_residual: torch.Tensor | None = None  # head residual of the last computed step
     residuals: tuple[torch.Tensor, ...] | None = None  # middle residual per carried tensor
+    layouts: tuple = ()  # (size, stride) of each middle output, which the compiled tail expects
 
 
 @dataclasses.dataclass
@@ -289,10 +290,16 @@ class StepCache:
         decision, branch = gated
         if decision.cache:
             assert branch.residuals is not None, "a cached step needs residuals from a computed step"
-            return tuple(torch.add(inputs[j], r) for j, r in zip(residual_of, branch.residuals))
+            # The tail was compiled for the middle's output layout (Inductor asserts sizes and strides);
+            # a stream entering the middle can be a strided slice, so add into that layout.
+            return tuple(
+                torch.add(inputs[j], r, out=torch.empty_strided(size, stride, dtype=r.dtype, device=r.device))
+                for j, r, (size, stride) in zip(residual_of, branch.residuals, branch.layouts)
+            )
         outs = middle(*inputs)
         k = len(residual_of)
         branch.residuals = tuple(outs[k:])
+        branch.layouts = tuple((o.shape, o.stride()) for o in outs[:k])
         return tuple(outs[:k])
 
 
