@@ -7,7 +7,7 @@ Measures, side by side in one process:
     (``steps * N / (computed * N + cached * (Fn + Bn))``, target >= 0.95);
   * host reads (``item``/``tolist``/``bool``/...) per step in cachedit's glue (target 1).
 
-    python benchmarks/step_cache.py [--steps 28] [--threshold 0.1] [--no-write]
+    python benchmarks/step_cache.py [--steps 28] [--threshold 0.5] [--no-write]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def interleaved_run_times(variants: dict, kw: dict, steps: int, rounds: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--threshold", type=float, default=0.1)
+    parser.add_argument("--threshold", type=float, default=0.5, help="random weights: diffs run 0.3-0.6")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the fastest counts")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
