@@ -26,14 +26,14 @@ def _module(model: Any) -> torch.nn.Module:
     return model
 
 
-def _param_ids(model: Any) -> frozenset[int]:
-    """Ids of the tensors that name ``model`` in compiled graphs (Dynamo lifts both kinds as inputs)."""
+def _tensors(model: Any) -> list[torch.Tensor]:
+    """The tensors that name ``model`` in compiled graphs (Dynamo lifts parameters and buffers as inputs)."""
     module = _module(model)
-    return frozenset(id(t) for t in itertools.chain(module.parameters(), module.buffers()))
+    return list(itertools.chain(module.parameters(), module.buffers()))
 
 
 def _graphs(model: Any) -> list[registry.CompiledGraph]:
-    return registry.lookup(_param_ids(model))
+    return registry.lookup(_tensors(model))
 
 
 @contextlib.contextmanager
@@ -45,14 +45,15 @@ def request(model: Any, num_inference_steps: int | None = None) -> Iterator[None
     """
     if num_inference_steps is not None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps={num_inference_steps!r}; expected a positive int or None")
-    with open_request(_param_ids(model), num_inference_steps):
+    with open_request(frozenset(id(t) for t in _tensors(model)), num_inference_steps):
         yield
 
 
 def stats(model: Any) -> list[RequestStats]:
     """One record per request on ``model`` (every compiled graph of it), oldest first."""
-    ids = _param_ids(model)
-    records = [r for g in registry.lookup(ids) if g.cache is not None for r in g.cache.records_for(ids)]
+    tensors = _tensors(model)
+    ids = {id(t) for t in tensors}
+    records = [r for g in registry.lookup(tensors) if g.cache is not None for r in g.cache.records_for(ids)]
     return sorted(records, key=lambda r: r.id)
 
 

@@ -68,7 +68,7 @@ def cachedit_backend(
     record = registry.CompiledGraph(config=config)
     # Filed under the model being compiled now; the gate files it under any other model instance that
     # later runs through the same graph (Dynamo shares graphs between instances of one class).
-    registry.register([id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)], record)
+    registry.register([x for x in example_inputs if isinstance(x, torch.nn.Parameter)], record)
     start = time.perf_counter()
 
     def uncached(reason: str) -> Callable:
@@ -88,7 +88,7 @@ def cachedit_backend(
     try:
         chain = find_block_chain(gm)
         record.chain, record.lists = chain.describe(), chain.lists
-        cache = StepCache(config, on_new_owner=lambda param: registry.register([id(param)], record))
+        cache = StepCache(config, on_new_owner=lambda param: registry.register([param], record))
         if mesh is not None:
             cache.reduce_sums = mesh.reduce_sums  # every rank decides on the global diff sums
         top, layout = insert_step_cache_gate(

@@ -14,7 +14,7 @@ import weakref
 from typing import Any
 
 _lock = threading.Lock()
-_by_param: dict[int, list[weakref.ref]] = {}
+_by_param: dict[int, list[tuple[weakref.ref, weakref.ref]]] = {}  # id(tensor) -> (tensor, graph)
 _order = itertools.count()
 
 
@@ -48,21 +48,25 @@ class CompiledGraph:
         return "\n".join(lines)
 
 
-def register(param_ids: list[int], compiled: CompiledGraph) -> None:
+def register(tensors, compiled: CompiledGraph) -> None:
+    """File ``compiled`` under each of ``tensors`` (a model's parameters or buffers)."""
     with _lock:
-        for pid in param_ids:
-            refs = _by_param.setdefault(pid, [])
-            refs[:] = [r for r in refs if r() is not None]
-            refs.append(weakref.ref(compiled))
+        for tensor in tensors:
+            refs = _by_param.setdefault(id(tensor), [])
+            refs[:] = [(t, g) for t, g in refs if t() is not None and g() is not None]
+            refs.append((weakref.ref(tensor), weakref.ref(compiled)))
 
 
-def lookup(param_ids) -> list[CompiledGraph]:
-    """The live compiled graphs filed under any of ``param_ids``, oldest first, each once."""
+def lookup(tensors) -> list[CompiledGraph]:
+    """The live compiled graphs filed under any of ``tensors``, oldest first, each once.
+
+    Entries are matched by identity, not only by ``id``: a freed tensor's id can be reused.
+    """
     found: dict[int, CompiledGraph] = {}
     with _lock:
-        for pid in param_ids:
-            for ref in _by_param.get(pid, ()):
-                graph = ref()
-                if graph is not None:
+        for tensor in tensors:
+            for tensor_ref, graph_ref in _by_param.get(id(tensor), ()):
+                graph = graph_ref()
+                if graph is not None and tensor_ref() is tensor:
                     found[id(graph)] = graph
     return sorted(found.values(), key=lambda g: g.order)
