@@ -70,10 +70,6 @@ class Block:
     first: int
     last: int
 
-    @property
-    def name(self) -> str:
-        return f"{self.list_path}.{self.index}"
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockChain:

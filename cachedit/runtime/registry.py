@@ -34,7 +34,7 @@ class CompiledGraph:
     order: int = dataclasses.field(default_factory=lambda: next(_order))
 
     def describe(self) -> str:
-        lines = [f"graph #{self.order} (inner: {self.config.inner.value})"]
+        lines = [f"graph #{self.order} (inner: {self.config.inner.value}, compiled in {self.compile_seconds:.1f} s)"]
         for path, count, verdict in self.lists:
             lines.append(f"  block list {path} [{count}]: {verdict}")
         if self.chain:
