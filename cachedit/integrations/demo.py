@@ -33,10 +33,12 @@ WARMUP_PROMPT = "a small orange triangle in the center on a gray background"
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One column of the demo: ``options`` for ``cachedit.enable``, or ``None`` for the baseline."""
+    """One column of the demo: ``options`` for ``cachedit.enable``, or ``None`` for the baseline,
+    which ``baseline_backend`` compiles (``"eager"``: not compiled)."""
 
     name: str
     options: dict | None
+    baseline_backend: str = "eager"
 
 
 def default_settings(inner: str) -> list[Setting]:
@@ -50,7 +52,7 @@ def default_settings(inner: str) -> list[Setting]:
     """
     base = {"Fn": 1, "Bn": 0, "warmup_steps": 4, "inner": inner}
     return [
-        Setting(f"baseline ({inner})", None),
+        Setting(f"baseline ({inner})", None, baseline_backend=inner),
         Setting("DBCache F1B0 t=0.08", {**base, "threshold": 0.08}),
         Setting("DBCache F1B0 t=0.15", {**base, "threshold": 0.15}),
         Setting("DBCache F1B0 t=0.3 (strongest)", {**base, "threshold": 0.3, "warmup_steps": 2}),
@@ -149,9 +151,8 @@ def run_demo(
     for setting in settings:
         pipe = _fresh_pipeline(model)
         if setting.options is None:
-            inner = setting.name.split("(")[-1].rstrip(")") if "(" in setting.name else "eager"
-            if inner != "eager":
-                pipe.transformer.compile(backend=inner)
+            if setting.baseline_backend != "eager":
+                pipe.transformer.compile(backend=setting.baseline_backend)
         else:
             cachedit.enable(pipe, **setting.options)
         row = Row(setting)
