@@ -11,7 +11,7 @@ Analytical minimum per attention per rank, n = S/P tokens held, E = H·D·2 byte
 - Ring: every other rank's K and V must reach this one: 2·(P-1)·n·E
 - USP u x r: Ulysses inside the group, 4·(u-1)/u·n·E, plus the ring of K/V blocks of u·n tokens and
   H/u heads across r groups, 2·(r-1)·n·E
-FP8 halves Q, V and O (plus 4 bytes of scale per token and head); K stays bf16 (in the all-to-all
+FP8 halves Q, V and O (plus 1 byte of scale per token and head); K stays bf16 (in the all-to-all
 and around the ring).
 
 CPU wall times of the tiny Flux (tests/models.py) at P = 2 are a record only: 2 shared cores cannot
@@ -33,6 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import markdown_table, write_section  # noqa: E402
+from cachedit.kernels import fp8_wire_ratio  # noqa: E402
 from cachedit.runtime import parallel  # noqa: E402
 
 HEADS, HEAD_DIM, TEXT, IMAGE, HIDDEN = 24, 128, 512, 4096, 3072
@@ -164,7 +165,8 @@ def main() -> None:
             "",
             "FP8 communication error on the tiny Flux, output against the unquantized run: "
             f"Ulysses-2 (Q, V, O in FP8) {snr['Ulysses-2']:.1f} dB, Ring-2 (V in FP8) {snr['Ring-2']:.1f} dB "
-            "(head dim 16, so the packed scales make an FP8 payload 0.625x bf16 there; 0.516x at head dim 128).",
+            f"(head dim 16, so the packed scales make an FP8 payload {fp8_wire_ratio(16):.3f}x bf16 there; "
+            f"{fp8_wire_ratio(128):.3f}x at head dim 128).",
         ]
     body += [
         "",

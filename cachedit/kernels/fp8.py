@@ -1,34 +1,39 @@
-"""FP8 payloads for communication: per-(token, head) absmax scaling to float8_e4m3fn.
+"""FP8 payloads for communication: per-(token, head) power-of-two scaling to float8_e4m3fn.
 
 ``fp8_quantize(x)``: ``x`` is ``[..., D]`` (fp32/bf16/fp16, any strides, D >= 1); each row of D values
-(one token of one head) gets its own scale. The result is one contiguous uint8 payload ``[..., D + 4]``
+(one token of one head) gets its own scale 2**e. The result is one contiguous uint8 payload ``[..., D + 1]``
 so that a single all-to-all carries values and scales together (gloo cannot send float8, uint8 it can)::
 
-    payload[..., :D]     float8_e4m3fn bits of clamp(x * (1 / scale), -448, 448), rounded to nearest even
-    payload[..., D:D+4]  the fp32 scale, little-endian bytes (``payload[..., D:].view(torch.float32)``)
-    scale = max(amax(|x|) / FP8_E4M3_MAX, FP8_SCALE_MIN)   in fp32, divisions correctly rounded
+    payload[..., :D]  float8_e4m3fn bits of clamp(x * 2**-e, -448, 448), rounded to nearest even
+    payload[..., D]   e + 127: the scale as an 8-bit biased exponent (OCP MX's E8M0; 0xFF: a poisoned row)
+    e = the smallest integer with amax(|x|) <= 448 * 2**e, and at least -126
 
-(one reciprocal per row and a multiply per element: the kernel does the same fp32 operations as the
-reference, so the two agree bit for bit).
+so amax lands in (224, 448] on the FP8 grid. e4m3fn's relative step is the same in every normal binade,
+so a power-of-two scale costs nothing against an exact amax / 448 scale except at the subnormal bottom
+of the row (values below 2**-6 of the row's top binade), and multiplying by 2**-e is exact, so the kernel
+and the reference agree bit for bit. ``e`` comes from amax's fp32 bits without a division: with
+amax = m * 2**E, e = E - 8 if m <= 1.75 (448 = 1.75 * 2**8), else E - 7.
 
-``fp8_dequantize(payload, dtype)``: ``[..., D + 4]`` uint8 -> ``[..., D]`` of ``dtype``, computed as
-``(fp8 value as fp32 * scale).to(dtype)``. Bytes on the wire per row: D + 4 against 2·D for bf16, a ratio
-of (D + 4) / (2·D) (``fp8_wire_ratio``): 0.516 at D = 128; at D = 64 it is 0.531, just above the 0.53 of
-issue 4, which the fp32 scale allows only from D = 67 on.
+``fp8_dequantize(payload, dtype)``: ``[..., D + 1]`` uint8 -> ``[..., D]`` of ``dtype``, computed as
+``clamp(fp8 value as fp32 * 2**e, ±max of dtype).to(dtype)``. The clamp matters only next to the
+dtype's largest value: rounding to the FP8 grid can lift it by up to 2**-4 (fp16's 65504 comes back as
+65536 before the clamp), and the sender had a finite value. Bytes on the wire per row: D + 1 against
+2·D for bf16, a ratio of (D + 1) / (2·D) (``fp8_wire_ratio``): 0.508 at D = 64, 0.504 at D = 128 (issue
+4's bound of 0.53 holds from D = 17 on).
 
 Special values (enforced by both kernels and the reference, checked by the tests):
-- zeros: an all-zero row gets scale FP8_SCALE_MIN and zero bytes, and dequantizes to exact zeros
-  (-0.0 keeps its sign). A row whose amax / 448 underflows uses FP8_SCALE_MIN too: never a zero or
-  subnormal scale, so 1 / scale stays finite, at the cost of precision in rows below 1e-35.
-- ±max of the input dtype round-trips exactly (it quantizes to ±448, and 448 · scale rounds back to it).
+- zeros: an all-zero row gets scale FP8_SCALE_MIN = 2**-126 and zero bytes, and dequantizes to exact
+  zeros (-0.0 keeps its sign). A row with amax below 448 * 2**-126 uses FP8_SCALE_MIN too: never a
+  subnormal scale (a GPU may flush it to zero), at the cost of precision in rows below 1e-35.
+- ±max of the input dtype round-trips exactly (through the dequantize clamp above).
 - infinities and NaN: a row holding any ±inf or NaN is poisoned as a whole: its value bytes are the
-  e4m3fn NaN (0x7F), its scale is the canonical fp32 NaN, and it dequantizes to all-NaN. float8_e4m3fn has
-  no infinity and a non-finite row has no finite scale; saturating would hand the receiver finite values
-  the sender never had. Other rows are unaffected, and the policy needs no host synchronisation.
+  e4m3fn NaN (0x7F), its scale byte is 0xFF, and it dequantizes to all-NaN. float8_e4m3fn has no
+  infinity and a non-finite row has no finite scale; saturating would hand the receiver finite values the
+  sender never had. Other rows are unaffected, and the policy needs no host synchronisation.
 
 Kernel layout: the leading dims of ``x`` and of the payload are collapsed to [n0, n1, n2] (``collapse_dims``)
 so views are read in place. A program quantizes BLOCK_R rows at once as a [BLOCK_R, BLOCK_D] tile,
-BLOCK_D = next power of two >= D; the scale's four bytes are written as a [BLOCK_R, 4] tile.
+BLOCK_D = next power of two >= D, and writes each row's scale byte after its values.
 
 Note [Exact FP8 cast]
 ~~~~~~~~~~~~~~~~~~~~~
@@ -55,10 +60,14 @@ tl = None  # triton.language, bound at the first launch (Note [Lazy Triton] in _
 
 FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 FP8_SCALE_MIN = torch.finfo(torch.float32).tiny  # 2**-126, the smallest normal fp32
-FP8_SCALE_BYTES = 4  # one fp32 scale per row, packed after the row's D value bytes
+FP8_SCALE_BYTES = 1  # one biased power-of-two exponent per row, after the row's D value bytes
+FP8_SCALE_BIAS = 127  # scale = 2**(byte - 127), as fp32's exponent field
+FP8_SCALE_NAN_BYTE = 0xFF  # the scale byte of a poisoned row
 FP8_E4M3_NAN_BYTE = 0x7F  # float8_e4m3fn NaN (S.1111.111)
-FLOAT32_NAN_BITS = 0x7FC00000  # the canonical quiet fp32 NaN, stored as a poisoned row's scale
 FP8_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MIN_EXP = -126  # FP8_SCALE_MIN's exponent
+_MAX_MANTISSA_BITS = 0x600000  # fp32 mantissa field of 1.75, the mantissa of FP8_E4M3_MAX = 1.75 * 2**8
+_MAX_EXP = 8  # FP8_E4M3_MAX's exponent
 _E4M3_MIN_NORMAL_EXP_BITS = (127 - 6) << 23  # fp32 exponent field of 2**-6, e4m3fn's smallest normal
 _E4M3_GRID_SHIFT_BITS = (23 - 3) << 23  # 2**20 in the exponent field: fp32 minus e4m3 mantissa bits
 _TILE = 4096  # elements per program tile: BLOCK_R = _TILE // BLOCK_D rows
@@ -68,29 +77,48 @@ _MIN_CUDA_CAPABILITY = (8, 9)  # Triton's float8e4nv needs Ada/Hopper; older GPU
 
 
 def fp8_wire_ratio(d: int, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Payload bytes over the bytes of the unquantized ``[..., d]`` tensor: (d + 4) / (d · itemsize)."""
+    """Payload bytes over the bytes of the unquantized ``[..., d]`` tensor: (d + 1) / (d · itemsize)."""
     return (d + FP8_SCALE_BYTES) / (d * torch.empty((), dtype=dtype).element_size())
 
 
+def fp8_scale_exponent_ref(amax: torch.Tensor) -> torch.Tensor:
+    """int32 ``e`` per row from fp32 ``amax >= 0``: the smallest with amax <= 448 * 2**e, at least -126."""
+    bits = amax.view(torch.int32)
+    exponent = (bits >> 23) - 127  # E of amax = m * 2**E (fp32 exponent field; amax >= 0 has no sign bit)
+    e = exponent - _MAX_EXP + ((bits & 0x7FFFFF) > _MAX_MANTISSA_BITS).int()
+    return e.clamp(min=_MIN_EXP)
+
+
+def _power_of_two(e: torch.Tensor) -> torch.Tensor:
+    """fp32 2**e for int32 ``e`` in [-126, 127], built from its exponent field (exact)."""
+    return ((e + 127) << 23).view(torch.float32)
+
+
 def fp8_quantize_ref(x: torch.Tensor) -> torch.Tensor:
-    """The specification of ``fp8_quantize``: ``[..., D]`` -> uint8 ``[..., D + 4]``."""
+    """The specification of ``fp8_quantize``: ``[..., D]`` -> uint8 ``[..., D + 1]``."""
     x32 = x.float()  # [..., D]
     finite = torch.isfinite(x32).all(dim=-1, keepdim=True)  # [..., 1]
-    amax = x32.abs().amax(dim=-1, keepdim=True)  # [..., 1]
-    scale = torch.clamp(amax / FP8_E4M3_MAX, min=FP8_SCALE_MIN)
-    q = (x32 * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    amax = x32.abs().amax(dim=-1, keepdim=True).contiguous()  # [..., 1]
+    e = fp8_scale_exponent_ref(torch.where(finite, amax, 0.0))  # [..., 1] int32
+    q = (x32 * _power_of_two(-e)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     q = torch.where(finite, q, FP8_E4M3_NAN_BYTE)
-    scale_bits = torch.where(finite, scale.view(torch.int32), FLOAT32_NAN_BITS)  # [..., 1]
-    scale_bytes = scale_bits.clone(memory_format=torch.contiguous_format).view(torch.uint8)  # [..., 4]
-    return torch.cat([q, scale_bytes], dim=-1).contiguous()
+    scale_byte = torch.where(finite, e + FP8_SCALE_BIAS, FP8_SCALE_NAN_BYTE).to(torch.uint8)  # [..., 1]
+    return torch.cat([q, scale_byte], dim=-1).contiguous()
+
+
+def fp8_scales_ref(payload: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[..., 1]``: each row's scale 2**e, NaN for a poisoned row."""
+    byte = payload[..., -FP8_SCALE_BYTES:].int()
+    scale = _power_of_two(byte - FP8_SCALE_BIAS)
+    return torch.where(byte == FP8_SCALE_NAN_BYTE, float("nan"), scale)
 
 
 def fp8_dequantize_ref(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The specification of ``fp8_dequantize``: uint8 ``[..., D + 4]`` -> ``[..., D]`` of ``dtype``."""
+    """The specification of ``fp8_dequantize``: uint8 ``[..., D + 1]`` -> ``[..., D]`` of ``dtype``."""
     d = payload.shape[-1] - FP8_SCALE_BYTES
     q = payload[..., :d].contiguous().view(torch.float8_e4m3fn).float()  # [..., D]
-    scale = payload[..., d:].clone(memory_format=torch.contiguous_format).view(torch.float32)  # [..., 1]
-    return (q * scale).to(dtype)
+    big = torch.finfo(dtype).max
+    return (q * fp8_scales_ref(payload)).clamp(-big, big).to(dtype)  # clamp keeps NaN
 
 
 @lazy_jit
@@ -110,9 +138,11 @@ def _fp8_quantize_kernel(
     o_s2,
     o_sd,
     FP8_MAX: tl.constexpr,
-    SCALE_MIN: tl.constexpr,
+    MAX_EXP: tl.constexpr,
+    MAX_MANTISSA_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
     NAN_BYTE: tl.constexpr,
-    NAN_BITS: tl.constexpr,
+    SCALE_NAN_BYTE: tl.constexpr,
     GRID_MIN_EXP_BITS: tl.constexpr,
     GRID_SHIFT_BITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -130,9 +160,10 @@ def _fp8_quantize_kernel(
     x = tl.load(x_ptr + x_row[:, None] + d[None, :] * x_sd, mask=mask, other=0.0).to(tl.float32)
     bad = (x != x) | (tl.abs(x) == float("inf"))
     row_bad = tl.max(bad.to(tl.int32), axis=1) > 0  # [BLOCK_R]; explicit: GPU max may drop NaN
-    amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), SCALE_MIN)  # [BLOCK_R]
-    inv_scale = tl.math.div_rn(1.0, scale)
+    amax_bits = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True)  # [BLOCK_R]
+    e = (amax_bits >> 23) - 127 - MAX_EXP + ((amax_bits & 0x7FFFFF) > MAX_MANTISSA_BITS).to(tl.int32)
+    e = tl.maximum(e, MIN_EXP)
+    inv_scale = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e, exact
     v = tl.clamp(x * inv_scale[:, None], -FP8_MAX, FP8_MAX)  # [BLOCK_R, BLOCK_D]
     # Round onto the e4m3fn grid so that the cast below is exact: Note [Exact FP8 cast].
     a = tl.abs(v)
@@ -143,10 +174,8 @@ def _fp8_quantize_kernel(
     q = r.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     q = tl.where(row_bad[:, None], NAN_BYTE, q)
     tl.store(out_ptr + o_row[:, None] + d[None, :] * o_sd, q, mask=mask)
-    bits = tl.where(row_bad, NAN_BITS, scale.to(tl.int32, bitcast=True))
-    k = tl.arange(0, 4)
-    scale_bytes = ((bits[:, None] >> (8 * k[None, :])) & 0xFF).to(tl.uint8)  # little-endian
-    tl.store(out_ptr + o_row[:, None] + (D + k[None, :]) * o_sd, scale_bytes, mask=r_mask[:, None])
+    scale_byte = tl.where(row_bad, SCALE_NAN_BYTE, e + 127).to(tl.uint8)
+    tl.store(out_ptr + o_row + D * o_sd, scale_byte, mask=r_mask)
 
 
 @lazy_jit
@@ -165,6 +194,9 @@ def _fp8_dequantize_kernel(
     o_s1,
     o_s2,
     o_sd,
+    OUT_MAX: tl.constexpr,
+    SCALE_BIAS: tl.constexpr,
+    SCALE_NAN_BYTE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -175,14 +207,14 @@ def _fp8_dequantize_kernel(
     r0 = r // (n1 * n2)
     p_row = r0 * p_s0 + r1 * p_s1 + r2 * p_s2
     o_row = r0 * o_s0 + r1 * o_s1 + r2 * o_s2
-    k = tl.arange(0, 4)
-    scale_bytes = tl.load(payload_ptr + p_row[:, None] + (D + k[None, :]) * p_sd, mask=r_mask[:, None], other=0)
-    bits = tl.sum(scale_bytes.to(tl.int32) << (8 * k[None, :]), axis=1)  # disjoint bits: sum == or
-    scale = bits.to(tl.float32, bitcast=True)  # [BLOCK_R]
+    byte = tl.load(payload_ptr + p_row + D * p_sd, mask=r_mask, other=0).to(tl.int32)  # [BLOCK_R]
+    scale = ((byte - SCALE_BIAS + 127) << 23).to(tl.float32, bitcast=True)
+    scale = tl.where(byte == SCALE_NAN_BYTE, float("nan"), scale)
     d = tl.arange(0, BLOCK_D)
     mask = r_mask[:, None] & (d < D)[None, :]
     q = tl.load(payload_ptr + p_row[:, None] + d[None, :] * p_sd, mask=mask, other=0)
     x = q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
+    x = tl.where(x > OUT_MAX, OUT_MAX, tl.where(x < -OUT_MAX, -OUT_MAX, x))  # comparisons keep NaN
     tl.store(out_ptr + o_row[:, None] + d[None, :] * o_sd, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -229,9 +261,11 @@ def fp8_quantize_triton(x: torch.Tensor) -> torch.Tensor:
         *o_strides,
         out.stride(-1),
         FP8_MAX=FP8_E4M3_MAX,
-        SCALE_MIN=FP8_SCALE_MIN,
+        MAX_EXP=_MAX_EXP,
+        MAX_MANTISSA_BITS=_MAX_MANTISSA_BITS,
+        MIN_EXP=_MIN_EXP,
         NAN_BYTE=FP8_E4M3_NAN_BYTE,
-        NAN_BITS=FLOAT32_NAN_BITS,
+        SCALE_NAN_BYTE=FP8_SCALE_NAN_BYTE,
         GRID_MIN_EXP_BITS=_E4M3_MIN_NORMAL_EXP_BITS,
         GRID_SHIFT_BITS=_E4M3_GRID_SHIFT_BITS,
         BLOCK_R=block_r,
@@ -266,6 +300,9 @@ def fp8_dequantize_triton(payload: torch.Tensor, dtype: torch.dtype) -> torch.Te
         payload.stride(-1),
         *o_strides,
         out.stride(-1),
+        OUT_MAX=torch.finfo(dtype).max,
+        SCALE_BIAS=FP8_SCALE_BIAS,
+        SCALE_NAN_BYTE=FP8_SCALE_NAN_BYTE,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         num_warps=_NUM_WARPS,
@@ -311,7 +348,7 @@ def _check_dequantize(payload: torch.Tensor, dtype: torch.dtype) -> None:
 
 @torch.library.custom_op("cachedit::fp8_quantize", mutates_args=())
 def fp8_quantize(x: torch.Tensor) -> torch.Tensor:
-    """``[..., D]`` -> uint8 payload ``[..., D + 4]``. CPU and other devices: the reference."""
+    """``[..., D]`` -> uint8 payload ``[..., D + 1]``. CPU and other devices: the reference."""
     _check_quantize(x)
     return fp8_quantize_ref(x)
 
@@ -332,7 +369,7 @@ def _(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("cachedit::fp8_dequantize", mutates_args=())
 def fp8_dequantize(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 payload ``[..., D + 4]`` -> ``[..., D]`` of ``dtype``. CPU and other devices: the reference."""
+    """uint8 payload ``[..., D + 1]`` -> ``[..., D]`` of ``dtype``. CPU and other devices: the reference."""
     _check_dequantize(payload, dtype)
     return fp8_dequantize_ref(payload, dtype)
 

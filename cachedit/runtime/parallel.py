@@ -21,8 +21,8 @@ point-to-point sends, overlapped with the attention on the block at hand; the pa
 log-sum-exp in fp32 (``cachedit::merge_attention``). It is an opaque custom op because compiled code
 cannot issue point-to-point sends. USP runs Ulysses within the group and the ring across groups.
 
-FP8 (``fp8_comm``): Q, V and O payloads travel as float8_e4m3fn with one fp32 scale per (token, head)
-packed after each row (``cachedit::fp8_quantize``); K travels unquantized, as in cache-dit. Around the
+FP8 (``fp8_comm``): Q, V and O payloads travel as float8_e4m3fn with one power-of-two scale byte per
+(token, head) packed after each row (``cachedit::fp8_quantize``); K travels unquantized, as in cache-dit. Around the
 ring, V travels as FP8 and K as raw bytes in the same buffer.
 
 Every function the rewrite calls takes only tensors and plain literals, so FX prints it, Inductor traces
@@ -121,7 +121,7 @@ def seq_to_heads(x: torch.Tensor, seq: list[int], me: int, group: str, fp8: bool
     send = x.transpose(0, 1)  # [H, B, s, D]
     dtype = x.dtype
     if fp8:
-        send = _fp8_pack(send)  # [H, B, s, D + 4] uint8
+        send = _fp8_pack(send)  # [H, B, s, D + 1] uint8
     w = send.shape[-1]
     out_splits = [heads[me] * b * n * w for n in seq]
     recv = _all_to_all(send.contiguous().reshape(-1), out_splits, [k * b * s * w for k in heads], group)

@@ -62,7 +62,7 @@ def _sent_bytes(monkeypatch, fp8: bool, world: int = 2, heads: int = 24, head_di
 
 
 def test_fp8_all_to_all_payload_is_at_most_053_of_bf16(monkeypatch):
-    """Q, V and O as FP8 with packed per-(token, head) scales: (D + 4) / 2D of bf16 at D = 128."""
+    """Q, V and O as FP8 with packed per-(token, head) scales: (D + 1) / 2D of bf16 at D = 128."""
     plain = _sent_bytes(monkeypatch, fp8=False)
     fp8 = _sent_bytes(monkeypatch, fp8=True)
     ratios = [a / b for a, b in zip(fp8, plain)]
