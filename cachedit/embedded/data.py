@@ -132,13 +132,45 @@ def _nearest(rgb: torch.Tensor, table: dict[str, tuple[float, float, float]]) ->
     return names[int(((refs - rgb) ** 2).sum(-1).argmin())]
 
 
+# Shape area per r**2 (see ``_mask``: the square matches the circle's area) and how far the area
+# centroid lies below the centre ``_mask`` takes, per r (an apex-up triangle's centroid sits h/6 low).
+_AREA_PER_R2 = {"circle": math.pi, "square": math.pi, "triangle": 1.9 * 1.15}
+_CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.9 / 6}
+_OFFSETS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # px, searched on both axes around the centroid fit
+
+
+def _classify_shape(fg: torch.Tensor) -> str:
+    """The shape whose template best overlaps the foreground mask ``fg`` ([H, W] bool).
+
+    Each shape's template gets the foreground's area and centroid, then the best intersection over
+    union over small centre shifts decides. Every pixel counts in proportion to its area, so a few
+    stray or ragged edge pixels move the answer little (a bounding-box measure would follow them).
+    """
+    size = fg.shape[-1]  # images are square
+    ys, xs = torch.nonzero(fg, as_tuple=True)
+    area = float(fg.sum())
+    my, mx = float(ys.float().mean()) + 0.5, float(xs.float().mean()) + 0.5
+    scores = {}
+    for shape in SHAPES:
+        r = math.sqrt(area / _AREA_PER_R2[shape])
+        cy = my - _CENTROID_DROP[shape] * r
+        best = 0.0
+        for dy in _OFFSETS:
+            for dx in _OFFSETS:
+                template = _mask(shape, cy + dy, mx + dx, r, size=size) > 0.5
+                union = float((template | fg).sum())
+                best = max(best, float((template & fg).sum()) / union)
+        scores[shape] = best
+    return max(scores, key=scores.get)
+
+
 def read_scene(image: torch.Tensor) -> dict[str, str | None]:
     """Read background, colour, position and shape back from a ``[3, H, W]`` image in ``[0, 1]``.
 
     Background: the nearest background colour to the median border pixel. Foreground: pixels far
     from it. Colour: nearest named colour to their median. Position: nearest named centre to their
-    centroid. Shape: how much of the bounding box they fill (square ~1, circle ~pi/4, triangle
-    ~1/2), and for the triangle whether the top row of the box is narrower than the bottom.
+    centroid. Shape: the template (circle, square, triangle of the foreground's area and centroid)
+    that overlaps the foreground best, see :func:`_classify_shape`.
     """
     image = image.float().clamp(0, 1)
     _, h, w = image.shape
@@ -154,16 +186,5 @@ def read_scene(image: torch.Tensor) -> dict[str, str | None]:
     ys, xs = torch.nonzero(fg, as_tuple=True)
     cy, cx = (ys.float().mean() + 0.5) / h, (xs.float().mean() + 0.5) / w
     result["position"] = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cy) ** 2 + (POSITIONS[p][1] - cx) ** 2)
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
-    box = fg[y0 : y1 + 1, x0 : x1 + 1].float()
-    fill = float(box.mean())
-    rows = box.sum(1)
-    k = max(1, box.shape[0] // 4)
-    top_heavy = float(rows[:k].mean()) < 0.6 * float(rows[-k:].mean())
-    if fill > 0.88:
-        result["shape"] = "square"
-    elif top_heavy and fill < 0.68:
-        result["shape"] = "triangle"
-    else:
-        result["shape"] = "circle"
+    result["shape"] = _classify_shape(fg)
     return result
