@@ -46,7 +46,7 @@ def test_cli_demo_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "s/image" in proc.stdout and "baseline (eager)" in proc.stdout and "strongest" in proc.stdout
+    assert "s/image" in proc.stdout and "baseline (inductor)" in proc.stdout and "strongest" in proc.stdout
     with Image.open(out) as image:
         assert image.size[0] > 4 * 128
 
