@@ -361,7 +361,10 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-_meshes: dict[tuple, Mesh] = {}  # per (default group, u, r): subgroups are created once, on every rank alike
+# Per (u, r, fp8): the default group the mesh was built on, and the mesh. Subgroups are created once, on
+# every rank alike; a re-initialised default group (destroy + init) gets new subgroups, since the old
+# ones' names no longer resolve (and group names restart from "0", so a name cannot tell the two apart).
+_meshes: dict[tuple, tuple[object, Mesh]] = {}
 
 
 def context_parallel_mesh(config: CacheditConfig) -> Mesh | None:
@@ -392,10 +395,11 @@ def context_parallel_mesh(config: CacheditConfig) -> Mesh | None:
             f"CACHEDIT_ULYSSES={u} x CACHEDIT_RING={r} = {u * r}, but the world size is {world}; set them so that "
             f"ulysses * ring == {world} (e.g. CACHEDIT_ULYSSES={world} CACHEDIT_RING=1)"
         )
-    key = (dist.group.WORLD.group_name, u, r, config.fp8_comm)
-    if key in _meshes:
-        return _meshes[key]
-    world_name = dist.group.WORLD.group_name
+    key = (u, r, config.fp8_comm)
+    world_group = dist.group.WORLD
+    if key in _meshes and _meshes[key][0] is world_group:
+        return _meshes[key][1]
+    world_name = world_group.group_name
     ulysses_name = ring_name = world_name
     if u > 1 and r > 1:  # every rank creates every subgroup, in the same order
         for g in range(r):
@@ -407,5 +411,5 @@ def context_parallel_mesh(config: CacheditConfig) -> Mesh | None:
             if rank % u == j:
                 ring_name = pg.group_name
     mesh = Mesh(world, rank, u, r, config.fp8_comm, world_name, ulysses_name, ring_name)
-    _meshes[key] = mesh
+    _meshes[key] = (world_group, mesh)
     return mesh
