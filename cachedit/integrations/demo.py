@@ -119,11 +119,7 @@ def _load(model: str | None):
 
 
 def _fresh_pipeline(model: str | None):
-    """A freshly loaded pipeline, so each setting compiles its own transformer.
-
-    Loaded again rather than ``copy.deepcopy``-ed: a deep-copied transformer compiled with cachedit
-    ran ~20x slower per step in our check (torch 2.13, diffusers 0.42), while a loaded one did not.
-    """
+    """A freshly loaded pipeline, so each setting compiles its own transformer from the same weights."""
     pipe = _load(model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
