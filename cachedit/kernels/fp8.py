@@ -218,13 +218,16 @@ def _fp8_dequantize_kernel(
     tl.store(out_ptr + o_row[:, None] + d[None, :] * o_sd, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _row_layout(src: torch.Tensor, dst: torch.Tensor) -> tuple[list[int], list[int], list[int]] | None:
-    """Leading dims of ``src`` and ``dst`` as [n0, n1, n2] with each one's strides (None: not 3 dims)."""
+def _row_layout(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+    """``src`` (made contiguous where its leading dims do not collapse to 3), those dims as [n0, n1, n2],
+    and the strides of ``src`` and ``dst`` over them."""
     layout = collapse_dims(src.shape[:-1], [src.stride()[:-1], dst.stride()[:-1]], 3)
     if layout is None:
-        return None
+        src = src.contiguous()
+        layout = collapse_dims(src.shape[:-1], [src.stride()[:-1], dst.stride()[:-1]], 3)
+        assert layout is not None, "contiguous tensors collapse to one leading dim"
     sizes, (src_strides, dst_strides) = layout
-    return sizes, src_strides, dst_strides
+    return src, sizes, src_strides, dst_strides
 
 
 def _blocks(d: int) -> tuple[int, int]:
@@ -242,12 +245,7 @@ def fp8_quantize_triton(x: torch.Tensor) -> torch.Tensor:
     rows = out.numel() // out.shape[-1]
     if rows == 0:
         return out
-    layout = _row_layout(x, out)
-    if layout is None:
-        x = x.contiguous()
-        layout = _row_layout(x, out)
-        assert layout is not None, "contiguous tensors collapse to one leading dim"
-    sizes, x_strides, o_strides = layout
+    x, sizes, x_strides, o_strides = _row_layout(x, out)
     block_r, block_d = _blocks(d)
     _fp8_quantize_kernel[(-(-rows // block_r),)](
         x,
@@ -282,12 +280,7 @@ def fp8_dequantize_triton(payload: torch.Tensor, dtype: torch.dtype) -> torch.Te
     rows = out.numel() // d
     if rows == 0:
         return out
-    layout = _row_layout(payload, out)
-    if layout is None:
-        payload = payload.contiguous()
-        layout = _row_layout(payload, out)
-        assert layout is not None, "contiguous tensors collapse to one leading dim"
-    sizes, p_strides, o_strides = layout
+    payload, sizes, p_strides, o_strides = _row_layout(payload, out)
     block_r, block_d = _blocks(d)
     _fp8_dequantize_kernel[(-(-rows // block_r),)](
         payload,
