@@ -42,6 +42,7 @@ from cachedit.fxpasses.shard_plan import (
     ShardPlan,
     TokenDim,
     is_sdpa,
+    local_length,
     op_name,
     sdpa_args,
 )
@@ -65,7 +66,7 @@ def _local_bound(layout: tuple[int, ...], bound: int, mesh) -> int:
         if acc == bound:
             return local
         acc += n
-        local += TokenDim(0, (n,)).local(mesh.world, mesh.rank)[0]
+        local += local_length(n, mesh.world, mesh.rank)
     assert acc == bound, f"bound {bound} is not a boundary of layout {layout}"
     return local
 

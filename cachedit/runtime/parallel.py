@@ -40,12 +40,7 @@ import torch.nn.functional as F
 
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
 from cachedit.config import CacheditConfig
-
-
-
-def local_length(n: int, world: int, rank: int) -> int:
-    """Elements of an ``n``-long segment held by ``rank`` (``torch.tensor_split`` sizes)."""
-    return n // world + (1 if rank < n % world else 0)
+from cachedit.fxpasses.token_rules import local_length  # the plan's split, which the runtime must follow
 
 
 def _offset(n: int, world: int, rank: int) -> int:
