@@ -149,11 +149,15 @@ class StepCache:
         key = id(param)
         owner = self._owners.get(key)
         if owner is None:
-            with self._lock:
-                owner = self._owners[key] = _Owner()
-            weakref.finalize(param, self._owners.pop, key, None)
-            if self.on_new_owner is not None:
-                self.on_new_owner(param)
+            with self._lock:  # two threads may bring a new model instance at once: one creates its state
+                owner = self._owners.get(key)
+                created = owner is None
+                if created:
+                    owner = self._owners[key] = _Owner()
+            if created:
+                weakref.finalize(param, self._owners.pop, key, None)
+                if self.on_new_owner is not None:
+                    self.on_new_owner(param)
         return key, owner
 
     def records_for(self, param_ids) -> list[RequestStats]:
