@@ -98,8 +98,7 @@ def fp8_quantize_ref(x: torch.Tensor) -> torch.Tensor:
     """The specification of ``fp8_quantize``: ``[..., D]`` -> uint8 ``[..., D + 1]``."""
     x32 = x.float()  # [..., D]
     finite = torch.isfinite(x32).all(dim=-1, keepdim=True)  # [..., 1]
-    amax = x32.abs().amax(dim=-1, keepdim=True).contiguous()  # [..., 1]
-    e = fp8_scale_exponent_ref(torch.where(finite, amax, 0.0))  # [..., 1] int32
+    e = fp8_scale_exponent_ref(x32.abs().amax(dim=-1, keepdim=True))  # [..., 1] int32; poisoned rows: any
     q = (x32 * _power_of_two(-e)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     q = torch.where(finite, q, FP8_E4M3_NAN_BYTE)
     scale_byte = torch.where(finite, e + FP8_SCALE_BIAS, FP8_SCALE_NAN_BYTE).to(torch.uint8)  # [..., 1]
