@@ -139,17 +139,15 @@ _CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.9 / 6}
 _OFFSETS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # px, searched on both axes around the centroid fit
 
 
-def _classify_shape(fg: torch.Tensor) -> str:
-    """The shape whose template best overlaps the foreground mask ``fg`` ([H, W] bool).
+def _classify_shape(fg: torch.Tensor, my: float, mx: float) -> str:
+    """The shape whose template best overlaps the foreground mask ``fg`` ([H, W] bool, centroid (my, mx) px).
 
     Each shape's template gets the foreground's area and centroid, then the best intersection over
     union over small centre shifts decides. Every pixel counts in proportion to its area, so a few
     stray or ragged edge pixels move the answer little (a bounding-box measure would follow them).
     """
     size = fg.shape[-1]  # images are square
-    ys, xs = torch.nonzero(fg, as_tuple=True)
     area = float(fg.sum())
-    my, mx = float(ys.float().mean()) + 0.5, float(xs.float().mean()) + 0.5
     scores = {}
     for shape in SHAPES:
         r = math.sqrt(area / _AREA_PER_R2[shape])
@@ -184,7 +182,8 @@ def read_scene(image: torch.Tensor) -> dict[str, str | None]:
         return result
     result["color"] = _nearest(image[:, fg].median(dim=1).values, COLORS)
     ys, xs = torch.nonzero(fg, as_tuple=True)
-    cy, cx = (ys.float().mean() + 0.5) / h, (xs.float().mean() + 0.5) / w
+    my, mx = float(ys.float().mean()) + 0.5, float(xs.float().mean()) + 0.5  # centroid, px
+    cy, cx = my / h, mx / w
     result["position"] = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cy) ** 2 + (POSITIONS[p][1] - cx) ** 2)
-    result["shape"] = _classify_shape(fg)
+    result["shape"] = _classify_shape(fg, my, mx)
     return result

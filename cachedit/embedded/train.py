@@ -47,7 +47,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 12000  # ~54 min at 2 threads on an idle 2-core CPU (~270 ms a step)
+    steps: int = 12000  # 53 min at 2 threads on an idle 2-core CPU (~265 ms a step; BENCHMARKS.md)
     batch_size: int = 32
     lr: float = 6e-4
     warmup_steps: int = 200
