@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import platform
 import time
@@ -123,6 +124,18 @@ def measure(sizes_mb: list[int], device: torch.device) -> tuple[list[list[object
     return rows, misses
 
 
+def fp8_accuracy() -> str:
+    """Round-trip SQNR and wire bytes of the FP8 payload on Gaussian bf16 rows (the same on every device)."""
+    parts = []
+    for d in (64, 128):
+        x = torch.randn(4096, d, generator=torch.Generator().manual_seed(0)).bfloat16().double()
+        y = K.fp8_dequantize(K.fp8_quantize(x.bfloat16()), torch.bfloat16).double()
+        sqnr = 10 * math.log10(x.square().sum().item() / (x - y).square().sum().item())
+        parts.append(f"head dim {d}: {sqnr:.1f} dB, {K.fp8_wire_ratio(d):.3f}x the bytes of bf16")
+    intro = "FP8 round trip of Gaussian bf16 rows [4096, D], seed 0 (scales included in the bytes): "
+    return intro + "; ".join(parts) + "."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=None)
@@ -160,7 +173,7 @@ def main() -> None:
         "Bytes moved per call, size = one bf16 [N, 128] tensor: residual_diff 2·size; fp8_quantize and "
         f"fp8_dequantize size·(1 + {128 + K.FP8_SCALE_BYTES}/256); merge_attention 3·size + 12·N; copy 2·size."
     )
-    body = f"{intro}\n\n{moved}\n\n{table}"
+    body = f"{intro}\n\n{moved}\n\n{table}\n\n{fp8_accuracy()}"
     print(body)
     if not args.no_write:
         write_section("Kernels", body, command="python benchmarks/kernels.py" + (
