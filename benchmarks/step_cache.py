@@ -128,7 +128,7 @@ def main() -> None:
     with count_host_reads() as reads:
         generate(variants[on], kw, args.steps)
     last = cachedit.stats(model)[-1]
-    cached, computed = last.cached_steps, last.computed_steps
+    cached, computed = last.num_cached_steps, last.num_computed_steps
     ideal = args.steps * n_blocks / (computed * n_blocks + cached * (cfg["Fn"] + cfg["Bn"]))
     measured = run_s[off] / run_s[on]
     rows = [

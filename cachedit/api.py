@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from cachedit.config import request_settings
 from cachedit.runtime import registry
 from cachedit.runtime.step_cache import RequestStats, open_request
 
@@ -37,24 +38,35 @@ def _graphs(model: Any) -> list[registry.CompiledGraph]:
 
 
 @contextlib.contextmanager
-def request(model: Any, num_inference_steps: int | None = None) -> Iterator[None]:
+def request(model: Any, num_inference_steps: int | None = None, **settings: Any) -> Iterator[None]:
     """Mark one generation on ``model``: every call inside is a step of one new request.
 
-    Without it, cachedit detects requests from the timestep input (Note [Requests and branches]).
-    The context is per thread (and per asyncio task), so concurrent requests stay apart.
+    ``settings`` override the compile-time defaults for this request only: ``threshold``,
+    ``warmup_steps``, ``warmup_interval``, ``max_cached_steps``, ``max_continuous_cached_steps``, ``cfg``.
+    They change no compiled graph (no recompile). Settings that shape the split (``Fn``, ``Bn``,
+    ``inner``, ``ulysses``, ``ring``, ``fp8_comm``) are fixed at compile time and refused here.
+
+    Without it, cachedit detects requests (Note [Requests and branches]). The context is per thread and
+    per asyncio task, so concurrent requests stay apart; its buffers are freed when it exits.
     """
-    if num_inference_steps is not None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+    if num_inference_steps is not None and (
+        isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
+    ):
         raise ValueError(f"num_inference_steps={num_inference_steps!r}; expected a positive int or None")
-    with open_request(frozenset(id(t) for t in _tensors(model)), num_inference_steps):
+    checked = request_settings(settings)
+    with open_request(frozenset(id(t) for t in _tensors(model)), num_inference_steps, checked):
         yield
 
 
 def stats(model: Any) -> list[RequestStats]:
-    """One record per request on ``model`` (every compiled graph of it), oldest first."""
+    """One record per request on ``model`` (every compiled graph of it), oldest first.
+
+    ``bytes_held`` is what each request's residual buffers take now (0 once it ended).
+    """
     tensors = _tensors(model)
     ids = {id(t) for t in tensors}
-    records = [r for g in registry.lookup(tensors) if g.cache is not None for r in g.cache.records_for(ids)]
-    return sorted(records, key=lambda r: r.id)
+    records = {r.id: r for g in registry.lookup(tensors) if g.cache is not None for r in g.cache.records_for(ids)}
+    return sorted(records.values(), key=lambda r: r.id)
 
 
 def explain(model: Any) -> str:

@@ -88,7 +88,9 @@ def cachedit_backend(
     try:
         chain = find_block_chain(gm)
         record.chain, record.lists = chain.describe(), chain.lists
-        cache = StepCache(config, on_new_owner=lambda param: registry.register([param], record))
+        # Graphs of one model with the same split share its requests (Note [Requests and branches]).
+        split = (config.Fn, config.Bn, chain.describe())
+        cache = StepCache(config, split, on_new_owner=lambda param: registry.register([param], record))
         if mesh is not None:
             cache.reduce_sums = mesh.reduce_sums  # every rank decides on the global diff sums
         top, layout = insert_step_cache_gate(

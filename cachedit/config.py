@@ -65,6 +65,9 @@ class CacheditConfig:
     inner: Inner = Inner.INDUCTOR
     disable: bool = False
     log: LogLevel = LogLevel.WARNING
+    num_inference_steps: int = 0
+    request_idle_seconds: float = 600.0
+    max_residual_bytes: int = -1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -80,11 +83,24 @@ class CacheditConfig:
         )
         _check_range("ulysses", self.ulysses, low=1, hint="the Ulysses group size; 1 disables Ulysses")
         _check_range("ring", self.ring, low=1, hint="the ring size; 1 disables Ring attention")
+        _check_range(
+            "num_inference_steps", self.num_inference_steps, low=0, hint="the steps of a detected request; 0: unknown"
+        )
+        _check_range("max_residual_bytes", self.max_residual_bytes, low=-1, hint="use -1 for no cap")
+        if not self.request_idle_seconds > 0:  # also rejects NaN
+            raise ValueError(
+                f"CacheditConfig.request_idle_seconds={self.request_idle_seconds} is out of range; expected seconds "
+                "> 0 after which an idle detected request is dropped (e.g. 600)"
+            )
         if self.threshold != self.threshold:  # NaN
             raise ValueError("CacheditConfig.threshold is NaN; expected a float such as 0.08 (<= 0 never caches)")
 
     def replace(self, **changes: Any) -> "CacheditConfig":
         return dataclasses.replace(self, **changes)
+
+    def for_request(self, settings: Mapping[str, Any]) -> "CacheditConfig":
+        """This configuration with one request's settings (already checked by ``request_settings``)."""
+        return dataclasses.replace(self, **settings) if settings else self
 
     @property
     def warmup_step_set(self) -> frozenset[int]:
@@ -195,3 +211,42 @@ def _coerce(name: str, value: Any, typ: Any, source: str) -> Any:
 def _check_range(name: str, value: int, *, low: int, hint: str) -> None:
     if value < low:
         raise ValueError(f"CacheditConfig.{name}={value} is out of range; expected an integer >= {low} ({hint})")
+
+
+# Settings a request may change: they steer decisions, not the compiled split (Note [Requests and branches]).
+REQUEST_SETTINGS = (
+    "threshold",
+    "warmup_steps",
+    "warmup_interval",
+    "max_cached_steps",
+    "max_continuous_cached_steps",
+    "cfg",
+)
+
+
+def request_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate per-request settings (``cachedit.request(model, **settings)``); returns them coerced.
+
+    A setting fixed at compile time (``Fn``, ``inner``, ``ulysses``, ...) is refused with that reason.
+    """
+    names = CacheditConfig.field_names()
+    values: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key in names and key not in REQUEST_SETTINGS:
+            raise ValueError(
+                f"{key}={value!r} cannot be set per request: it is fixed when the model is compiled. "
+                f"Pass it to torch.compile(options={{{key!r}: ...}}) or CACHEDIT_{key.upper()}; per-request "
+                f"settings are {', '.join(REQUEST_SETTINGS)}"
+            )
+        if key not in names:
+            close = difflib.get_close_matches(key, REQUEST_SETTINGS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"unknown per-request setting {key!r}; accepted: {', '.join(REQUEST_SETTINGS)}.{hint}"
+            )
+        values[key] = _coerce(key, value, _field_type(key), key)
+    try:
+        CacheditConfig(**values)  # the same range checks as a compile option
+    except ValueError as err:
+        raise ValueError(f"per-request setting: {err}") from None
+    return values

@@ -60,7 +60,7 @@ def test_gate_forced_to_compute_is_bitwise_eager(name):
     layout = _graphs(model)[-1].layout
     assert all(layout.part_sizes[p] > 0 for p in ("head", "middle", "tail"))
     stats = cachedit.stats(model)[-1]
-    assert stats.branches["main"].computed_steps == [0, 1, 2] and stats.cached_steps == 0
+    assert stats.branches["main"].computed_steps == [0, 1, 2] and stats.num_cached_steps == 0
 
 
 @pytest.mark.parametrize("name", MULTI_GRAPH)
@@ -79,12 +79,12 @@ def test_models_dynamo_cannot_capture_whole_still_run(name):
     assert torch.equal(result, reference)
     pieces = _graphs(model)
     assert len(pieces) > 1 and all(g.declined or g.layout is not None for g in pieces)
-    assert cachedit.stats(model) == [] or all(r.cached_steps == 0 for r in cachedit.stats(model))
+    assert cachedit.stats(model) == [] or all(r.num_cached_steps == 0 for r in cachedit.stats(model))
     with cachedit.request(model, num_inference_steps=12):
         denoise(fast, spec, num_steps=12)
     chained = [g for g in pieces if g.cache is not None]
     if chained:  # Lumina2, OmniGen: the chain lives in one piece
-        assert cachedit.stats(model)[-1].source == "explicit" and cachedit.stats(model)[-1].cached_steps > 0
+        assert cachedit.stats(model)[-1].source == "explicit" and cachedit.stats(model)[-1].num_cached_steps > 0
     else:  # Mochi, HiDream: a break inside every block leaves no chain to cache
         assert all("no nn.ModuleList of repeated blocks" in g.declined for g in pieces)
 
@@ -113,7 +113,7 @@ def test_inductor_cached_steps_match_eager_parts():
     expected, _ = denoise(compiled(eager_model, inner="eager", **options), spec, num_steps=10, batch=2)
     result, _ = denoise(compiled(inductor_model, **options), spec, num_steps=10, batch=2)
     eager_stats, inductor_stats = cachedit.stats(eager_model)[-1], cachedit.stats(inductor_model)[-1]
-    assert inductor_stats.cached_steps > 0
+    assert inductor_stats.num_cached_steps > 0
     assert inductor_stats.branches["main"].cached_steps == eager_stats.branches["main"].cached_steps
     assert (result - expected).abs().max() <= 1e-4 * expected.abs().max()
 
@@ -167,7 +167,7 @@ def test_cached_steps_reuse_the_residual_of_the_last_computed_step(name):
         # the tail ran on exactly those states (and the fresh head values)
         expected = tail(*now["states"], *now["tail_args"][len(now["states"]) :])
         assert all(torch.equal(a, b) for a, b in zip(expected, now["tail_out"]))
-    assert cachedit.stats(model)[-1].cached_steps == len(cached)
+    assert cachedit.stats(model)[-1].num_cached_steps == len(cached)
 
 
 def test_two_requests_compile_once_without_graph_breaks():
@@ -179,7 +179,7 @@ def test_two_requests_compile_once_without_graph_breaks():
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["graph_break"].values()) == 0
     records = cachedit.stats(model)
-    assert len(records) == 2 and records[0].cached_steps > 0
+    assert len(records) == 2 and records[0].num_cached_steps > 0
     assert records[0].branches["main"].cached_steps == records[1].branches["main"].cached_steps
     assert torch.equal(first, second)
 
@@ -191,7 +191,7 @@ def test_interleaved_requests_from_two_threads_match_their_solo_runs():
     solo_model = spec.build()
     solo = compiled(solo_model, **options)
     alone = {seed: denoise(solo, spec, num_steps=12, seed=seed)[0] for seed in (1, 2)}
-    assert cachedit.stats(solo_model)[0].cached_steps > 0
+    assert cachedit.stats(solo_model)[0].num_cached_steps > 0
     shared = compiled(model, **options)
     denoise(shared, spec, num_steps=1)  # compile outside the threads
     turns = {1: threading.Semaphore(1), 2: threading.Semaphore(0)}

@@ -57,6 +57,8 @@ class StepCacheLayout:
     residual_of: tuple[int, ...]  # middle output j is a residual of carried input residual_of[j]
     primary: int  # index into carried of the stream whose head residual drives the decision
     timestep: str | None  # the graph input read to detect requests and CFG pairs
+    latent: str | None  # the graph input the primary stream comes from: the same tensor again = a CFG call
+    conditioning: str | None  # the largest other input (text embedding): made once per generation
     part_sizes: dict[str, int]  # nodes per part, for explain and tests
 
     def describe(self) -> str:
@@ -71,6 +73,7 @@ class StepCacheLayout:
                 f"carried: {carried}",
                 f"invariants: {', '.join(self.invariants) or 'none'}",
                 f"timestep input: {self.timestep or 'none (caches only inside cachedit.request)'}",
+                f"request signals: latent {self.latent or 'none'}, conditioning {self.conditioning or 'none'}",
             ]
         )
 
@@ -87,6 +90,53 @@ def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
         if isinstance(value, torch.Tensor) and not is_param and value.is_floating_point() and value.dim() <= 1:
             return node
     return None
+
+
+def find_request_inputs(
+    gm: torch.fx.GraphModule, stream: torch.fx.Node, timestep: torch.fx.Node | None
+) -> tuple[torch.fx.Node | None, torch.fx.Node | None]:
+    """The user inputs that tell requests and CFG calls apart (Note [Requests and branches]).
+
+    latent: the largest floating-point input ``stream`` is computed from (the noisy latent);
+    conditioning: the largest other floating-point input of two or more dims (the text embedding).
+    Parameters and buffers are not user inputs.
+    """
+    user = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "placeholder"
+        and n is not timestep
+        and isinstance(n.meta.get("example_value"), torch.Tensor)
+        and n.meta["example_value"].is_floating_point()
+        and not _is_static_input(n)
+    ]
+    ancestors, frontier = set(), [stream]
+    while frontier:
+        node = frontier.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            frontier += node.all_input_nodes
+    by_size = sorted(user, key=lambda n: -_numel_hint(n.meta["example_value"]))
+    latent = next((n for n in by_size if n in ancestors), None)
+    conditioning = next((n for n in by_size if n is not latent and n.meta["example_value"].dim() >= 2), None)
+    return latent, conditioning
+
+
+def _is_static_input(node: torch.fx.Node) -> bool:
+    """A parameter or buffer (Dynamo marks them static), or an input read from the module itself."""
+    if "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {}):
+        return True
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    return source is not None and "self" in source.name
+
+
+def _numel_hint(value: torch.Tensor) -> int:
+    numel = value.numel()
+    if isinstance(numel, int):
+        return numel
+    hint = getattr(getattr(numel, "node", None), "hint", None)  # a symbolic size under dynamic shapes
+    return int(hint) if hint is not None else 0
 
 
 def insert_step_cache_gate(
@@ -169,6 +219,7 @@ def insert_step_cache_gate(
     h0 = entering[_match(carried[primary], entering, "the primary stream", "the values entering block 0")]
 
     timestep = find_timestep(gm)
+    latent, conditioning = find_request_inputs(gm, h0, timestep)
     layout = StepCacheLayout(
         fn=fn,
         bn=bn,
@@ -179,6 +230,8 @@ def insert_step_cache_gate(
         residual_of=residual_of,
         primary=primary,
         timestep=timestep.name if timestep is not None else None,
+        latent=latent.name if latent is not None else None,
+        conditioning=conditioning.name if conditioning is not None else None,
         part_sizes={p: sum(v == p for v in part.values()) for p in ("head", "middle", "tail")},
     )
 
@@ -220,7 +273,8 @@ def insert_step_cache_gate(
     *head_values, residual = _call_part(top, "head", head, env)
     env.update(zip(head_out, head_values))
     owner = env[_first_parameter(placeholders)]  # names the model instance at run time
-    gate = top.call_module("cachedit_gate", (residual, env[timestep] if timestep is not None else None, owner))
+    signals = [env[n] if n is not None else None for n in (timestep, latent, conditioning)]
+    gate = top.call_module("cachedit_gate", (residual, signals[0], owner, *signals[1:]))
     reuse = top.call_module("cachedit_reuse", (gate, top.get_attr("middle"), *(env[n] for n in middle[1])))
     for j, out in enumerate(middle_out):
         env[out] = top.call_function(operator.getitem, (reuse, j))

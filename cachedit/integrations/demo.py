@@ -182,8 +182,8 @@ def _run_setting(setting: Setting, prompts: Sequence[str], steps: int, seed: int
         else:
             records = cachedit.stats(pipe.transformer)
             # No record: the backend declined to step-cache this model (cachedit.explain says why).
-            row.computed.append(records[-1].computed_steps if records else steps)
-            row.cached.append(records[-1].cached_steps if records else 0)
+            row.computed.append(records[-1].num_computed_steps if records else steps)
+            row.cached.append(records[-1].num_cached_steps if records else 0)
         bar.update()
     return row
 

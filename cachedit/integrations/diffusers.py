@@ -2,7 +2,8 @@
 
 The transformer is compiled in place (``Module.compile``), so the pipeline keeps its component, and
 the pipeline's class is swapped for a subclass whose ``__call__`` opens one ``cachedit.request`` per
-call with that call's ``num_inference_steps``.
+call with that call's ``num_inference_steps``. The keyword ``cachedit={...}`` of such a call carries
+that request's settings (``pipe(prompt, cachedit={"threshold": 0.2})``); it never reaches the pipeline.
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ def _with_request(call):
     def __call__(self, *args, **kwargs):
         from cachedit.api import request
 
+        settings = kwargs.pop("cachedit", None) or {}
+        if not isinstance(settings, dict):
+            raise TypeError(
+                f"cachedit={settings!r}: expected a dict of per-request settings, e.g. cachedit={{'threshold': 0.2}}"
+            )
         steps = kwargs.get("num_inference_steps", default_steps)
         steps = steps if isinstance(steps, int) and steps > 0 else None
-        with request(self.transformer, num_inference_steps=steps):
+        with request(self.transformer, num_inference_steps=steps, **settings):
             return call(self, *args, **kwargs)
 
     return __call__

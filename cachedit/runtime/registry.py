@@ -1,8 +1,13 @@
-"""Which compiled graphs belong to which model, for ``cachedit.stats``/``explain``/``request``.
+"""Which compiled graphs and request state belong to which model, for ``cachedit.stats``/``explain``/``request``.
 
 The backend never sees the module, only its parameters (Dynamo lifts them as graph inputs), so a
 compiled graph is filed under the ids of its parameters. Entries hold weak references: the compiled
-module owns its ``CompiledGraph``, and a graph dropped by Dynamo disappears from here too.
+module owns its ``CompiledGraph``, and a graph dropped by Dynamo disappears from here too; an entry
+whose tensor or graph dies is removed by its weak reference's callback.
+
+``shared`` finds the one request-state object of a model instance and split, so that every graph
+Dynamo compiles for that model (a concurrent first call, a recompile for a new guard) serves the same
+requests. The graphs own that object; this index only finds it (Note [Requests and branches]).
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ import dataclasses
 import itertools
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 _lock = threading.Lock()
 _by_param: dict[int, list[tuple[weakref.ref, weakref.ref]]] = {}  # id(tensor) -> (tensor, graph)
+_dead: list[int] = []  # keys whose tensor or graph died since the last purge
 _order = itertools.count()
 
 
@@ -45,6 +52,11 @@ class CompiledGraph:
             lines += [f"  {line}" for line in self.layout.describe().splitlines()]
         if self.declined:
             lines.append(f"  not step-cached: {self.declined}")
+        if self.cache is not None:
+            states = self.cache.states_for(None)
+            requests = sum(len(s.requests()) for s in states)
+            held = sum(s.bytes_held() for s in states)
+            lines.append(f"  requests holding state: {requests}, residual bytes held: {held}")
         return "\n".join(lines)
 
 
@@ -52,9 +64,51 @@ def register(tensors, compiled: CompiledGraph) -> None:
     """File ``compiled`` under each of ``tensors`` (a model's parameters or buffers)."""
     with _lock:
         for tensor in tensors:
-            refs = _by_param.setdefault(id(tensor), [])
+            key = id(tensor)
+            refs = _by_param.setdefault(key, [])
             refs[:] = [(t, g) for t, g in refs if t() is not None and g() is not None]
-            refs.append((weakref.ref(tensor), weakref.ref(compiled)))
+            drop = lambda _ref, key=key: _dead.append(key)  # noqa: E731  (a callback may run inside _lock)
+            refs.append((weakref.ref(tensor, drop), weakref.ref(compiled, drop)))
+        _purge()
+
+
+def _purge() -> None:
+    """Remove the entries whose tensor or graph died (called under ``_lock``)."""
+    while _dead:
+        key = _dead.pop()
+        refs = [(t, g) for t, g in _by_param.get(key, ()) if t() is not None and g() is not None]
+        if refs:
+            _by_param[key] = refs
+        else:
+            _by_param.pop(key, None)
+
+
+def filed(tensors) -> int:
+    """How many of ``tensors`` have entries, live or not yet purged (for tests of the clean-up)."""
+    with _lock:
+        _purge()
+        return sum(id(t) in _by_param for t in tensors)
+
+
+_shared: dict[tuple[int, Any], weakref.ref] = {}  # (id(param), split) -> the state object
+
+
+def shared(param, split: Any, create: Callable[[], Any]) -> Any:
+    """The state object filed under ``param`` and ``split``, made by ``create()`` when there is none.
+
+    The object must have a ``param`` attribute (a weak reference to ``param``) so that an entry whose
+    parameter died and whose id was reused is not mistaken for this one.
+    """
+    key = (id(param), split)
+    with _lock:
+        ref = _shared.get(key)
+        state = ref() if ref is not None else None
+        if state is None or state.param() is not param:
+            state = create()
+            _shared[key] = weakref.ref(state)
+        for k in [k for k, r in _shared.items() if r() is None]:
+            del _shared[k]
+        return state
 
 
 def lookup(tensors) -> list[CompiledGraph]:
@@ -64,6 +118,7 @@ def lookup(tensors) -> list[CompiledGraph]:
     """
     found: dict[int, CompiledGraph] = {}
     with _lock:
+        _purge()
         for tensor in tensors:
             for tensor_ref, graph_ref in _by_param.get(id(tensor), ()):
                 graph = graph_ref()

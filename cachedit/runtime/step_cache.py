@@ -1,44 +1,76 @@
-"""Per-compiled-model step-cache state: requests -> CFG branches -> buffers, counters and stats.
+"""Step-cache state: models -> requests -> CFG branches -> buffers, history, settings and stats.
 
 Note [Requests and branches]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-A request is one generation. Its calls come from one thread (or one explicit ``cachedit.request``
-context), so the state of the request being detected lives in a thread-local: two requests served
-concurrently from two threads never see each other's buffers.
+A request is one generation. Its state (branches, buffers, history, settings) belongs to the request,
+not to a compiled graph: Dynamo may compile one frame twice (two threads making their first call at
+once, a new guard, a new resolution), and every graph of the same model instance and the same split
+must serve the same request. So each graph's ``StepCache`` finds one ``ModelState`` per model instance
+and split (``registry.shared``); the graphs own it, and it dies with the last of them or with the model.
 
-Without an explicit request, boundaries are read from the timestep input. Within a request the
-timestep moves monotonically (down for most pipelines, up for those that pass ``1 - t``); a call that
-repeats the previous timestep is the second call of a separate-CFG pair (branch 1, same step); a call
-that breaks the direction, repeats a timestep a third time, or comes after ``num_inference_steps``
-steps starts a new request, which starts from nothing (no off-by-one against the previous one).
+Where a call's request is found:
+  - explicit (``cachedit.request`` / ``cachedit.enable``): by its token, a ContextVar the user's context
+    carries (threads, asyncio tasks and ``asyncio.to_thread`` workers see the token of their context).
+    It ends when the context exits, and its buffers go with it.
+  - detected: by the execution context, the running asyncio task, else the thread. (A ContextVar is not
+    enough here: a task inherits its parent's context, so two tasks spawned by one would share it.)
+
+Boundaries of a detected request, checked in this order on each call:
+  1. Another call of the current step: the latent input is the very tensor of the previous call (same
+     object, same version). It is the next branch of that step: cond, uncond, then any further call
+     (triple guidance) with a branch of its own. This is a host-side check, no extra device read.
+  2. A new request when: the input shape changed (a new resolution); ``num_inference_steps`` steps are
+     done (when known); the conditioning input (the largest other input, e.g. the text embedding, which
+     pipelines make once per generation) is none of the request's; or the timestep breaks the direction
+     the request moves in. A timestep equal to the last one on a new latent is a new step once the
+     request has a direction (bf16 rounding at many steps, Heun's repeated timesteps), and a new request
+     before that (a one-call request, a 1-step model).
+  3. Otherwise the next step. Without a latent signal (no such input), the old rule applies: a repeated
+     timestep right after a step's first call is its uncond call.
+A request left behind (cancelled, a client gone) is superseded by the next request of its context,
+dropped when idle for ``request_idle_seconds``, or dropped with its thread or task. Without a timestep
+input and outside an explicit request, boundaries cannot be seen and every step computes.
 
 The one host synchronisation per step: the timestep and the residual-diff sums of every branch the
 call could belong to are read together with one ``tolist()``; the branch is resolved afterwards.
+
+Memory: a request's buffers are the head residual of its last computed step and the middle residuals,
+per branch. A branch frees them after the last of ``num_inference_steps`` steps. With
+``max_residual_bytes`` set, the oldest detected requests of a model lose their buffers (and compute
+from then on) when a new residual would exceed it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import contextvars
 import dataclasses
 import itertools
+import logging
 import threading
+import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
 from cachedit.config import CacheditConfig, CfgMode
-from cachedit.runtime import policy
+from cachedit.runtime import policy, registry
 
-MAX_RECORDS = 256  # request records kept per compiled graph for ``cachedit.stats``
+log = logging.getLogger("cachedit")
+
+MAX_RECORDS = 256  # request records kept per model instance for ``cachedit.stats``
 _request_ids = itertools.count()
 
 
 @dataclasses.dataclass
 class BranchStats:
+    """One branch of one request: lists of step indices, and per step the diff and the decision."""
+
     computed_steps: list[int] = dataclasses.field(default_factory=list)
     cached_steps: list[int] = dataclasses.field(default_factory=list)
     diffs: dict[int, float] = dataclasses.field(default_factory=dict)
@@ -47,29 +79,41 @@ class BranchStats:
 
 @dataclasses.dataclass
 class RequestStats:
-    """One request as ``cachedit.stats`` reports it. Branch names: ``main``, or ``cond``/``uncond``."""
+    """One request as ``cachedit.stats`` reports it. Branch names: ``main``, or ``cond``/``uncond`` (and
+    ``branch2``... for further calls per step)."""
 
     id: int
-    source: str  # "explicit" (cachedit.request / enable) or "timestep" (detected)
+    source: str  # "explicit" (cachedit.request / enable), "timestep" (detected) or "call" (no timestep)
     num_inference_steps: int | None
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the request's own settings
     steps: int = 0
     branch_list: list[BranchStats] = dataclasses.field(default_factory=list)
+    live: weakref.ref | None = dataclasses.field(default=None, repr=False, compare=False)  # the request's state
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of residual buffers this request holds now; 0 once it ended."""
+        request = self.live() if self.live is not None else None
+        return sum(b.nbytes() for b in request.branches) if request is not None else 0
 
     @property
     def branches(self) -> dict[str, BranchStats]:
         names = ["main"] if len(self.branch_list) == 1 else ["cond", "uncond"]
+        names += [f"branch{i}" for i in range(len(names), len(self.branch_list))]
         return dict(zip(names, self.branch_list))
 
     @property
-    def cached_steps(self) -> int:
+    def num_cached_steps(self) -> int:
+        """Cached calls over all branches (a count; ``BranchStats.cached_steps`` lists the steps)."""
         return sum(len(b.cached_steps) for b in self.branch_list)
 
     @property
-    def computed_steps(self) -> int:
+    def num_computed_steps(self) -> int:
+        """Computed calls over all branches (a count; ``BranchStats.computed_steps`` lists the steps)."""
         return sum(len(b.computed_steps) for b in self.branch_list)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Branch:
     history: policy.BranchHistory = dataclasses.field(default_factory=policy.BranchHistory)
     stats: BranchStats = dataclasses.field(default_factory=BranchStats)
@@ -77,21 +121,48 @@ class _Branch:
     residuals: tuple[torch.Tensor, ...] | None = None  # middle residual per carried tensor
     layouts: tuple = ()  # (size, stride) of each middle output, which the compiled tail expects
 
+    def nbytes(self) -> int:
+        tensors = ([self.prev_residual] if self.prev_residual is not None else []) + list(self.residuals or ())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-@dataclasses.dataclass
+    def drop(self) -> None:
+        """Forget the buffers: the next step computes (``NO_PREVIOUS``)."""
+        self.prev_residual, self.residuals, self.layouts = None, None, ()
+        self.history.has_previous = False
+
+
+@dataclasses.dataclass(eq=False)
 class _Request:
     stats: RequestStats
+    config: CacheditConfig  # the compile defaults with this request's settings
     branches: list[_Branch] = dataclasses.field(default_factory=list)
     step: int = -1
     calls_at_step: int = 0
     last_t: float | None = None
-    direction: int = 0  # +1 / -1 once two steps were seen
+    direction: int = 0  # +1 / -1 once two distinct timesteps were seen
+    latent: weakref.ref | None = None  # the latent input of the last call, and its version then
+    latent_version: int = -1
+    conditionings: list[weakref.ref] = dataclasses.field(default_factory=list)
+    shape: tuple[int, ...] | None = None  # the head residual's shape (a new resolution is a new request)
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
 
     def branch(self, index: int) -> _Branch:
         while len(self.branches) <= index:
             self.branches.append(_Branch())
             self.stats.branch_list.append(self.branches[-1].stats)
         return self.branches[index]
+
+    def same_latent(self, latent: torch.Tensor | None) -> bool:
+        return latent is not None and self.latent is not None and self.latent() is latent and (
+            latent._version == self.latent_version
+        )
+
+    def knows(self, conditioning: torch.Tensor) -> bool:
+        return any(ref() is conditioning for ref in self.conditionings)
+
+    def end(self) -> None:
+        for branch in self.branches:
+            branch.drop()
 
 
 @dataclasses.dataclass(eq=False)
@@ -100,132 +171,228 @@ class RequestToken:
 
     owner: frozenset[int]  # ids of the model's parameters
     num_inference_steps: int | None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # checked by config.request_settings
     id: int = dataclasses.field(default_factory=lambda: next(_request_ids))
-    users: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)  # caches holding its state
+    users: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)  # ModelStates holding its state
 
 
 _ACTIVE: contextvars.ContextVar[RequestToken | None] = contextvars.ContextVar("cachedit_request", default=None)
 
 
 @contextlib.contextmanager
-def open_request(owner: frozenset[int], num_inference_steps: int | None) -> Iterator[RequestToken]:
-    token = RequestToken(owner, num_inference_steps)
+def open_request(
+    owner: frozenset[int], num_inference_steps: int | None, settings: Mapping[str, Any] | None = None
+) -> Iterator[RequestToken]:
+    token = RequestToken(owner, num_inference_steps, dict(settings or {}))
     reset = _ACTIVE.set(token)
     try:
         yield token
     finally:
         _ACTIVE.reset(reset)
-        for cache in list(token.users):
-            cache.close(token)
+        for state in list(token.users):
+            state.close(token)
 
 
-@dataclasses.dataclass(eq=False)
-class _Owner:
-    """The state of one model instance. Dynamo shares one graph between instances of a class
-    (parameters are graph inputs), so a compiled graph can serve several models: each keeps its own."""
+def _execution_context() -> object:
+    """What a detected request is keyed by: the running asyncio task, else the current thread."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop running in this thread
+        task = None
+    return task if task is not None else threading.current_thread()
 
-    records: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=MAX_RECORDS))
-    local: threading.local = dataclasses.field(default_factory=threading.local)  # the detected request
-    explicit: dict[int, _Request] = dataclasses.field(default_factory=dict)  # token id -> request
+
+class ModelState:
+    """The requests of one model instance under one split, shared by every graph compiled for it."""
+
+    def __init__(self, param: torch.Tensor, config: CacheditConfig):
+        self.param = weakref.ref(param)
+        self.config = config  # the first graph's; a later graph of the same split has the same defaults
+        self.records: collections.deque[RequestStats] = collections.deque(maxlen=MAX_RECORDS)
+        self.explicit: dict[int, _Request] = {}  # token id -> request
+        self.detected: weakref.WeakKeyDictionary[object, _Request] = weakref.WeakKeyDictionary()
+        self.lock = threading.Lock()
+        self._next_sweep = 0.0
+        self._capped = False  # the byte cap was logged
+
+    def new_request(self, source: str, config: CacheditConfig, num_steps: int | None, settings) -> _Request:
+        stats = RequestStats(next(_request_ids), source, num_steps, dict(settings))
+        request = _Request(stats, config)
+        stats.live = weakref.ref(request)
+        with self.lock:
+            self.records.append(stats)
+        return request
+
+    def set_detected(self, context: object, request: _Request) -> None:
+        with self.lock:
+            old = self.detected.get(context)
+            self.detected[context] = request
+        if old is not None:
+            old.end()  # superseded
+
+    def close(self, token: RequestToken) -> None:
+        """End an explicit request: drop its buffers (its stats stay)."""
+        with self.lock:
+            request = self.explicit.pop(token.id, None)
+        if request is not None:
+            request.end()
+
+    def sweep(self, now: float | None = None) -> None:
+        """Drop detected requests idle for longer than ``request_idle_seconds``."""
+        now = time.monotonic() if now is None else now
+        idle = self.config.request_idle_seconds
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(idle / 4, 1.0)
+        with self.lock:
+            stale = [(c, r) for c, r in self.detected.items() if now - r.last_used > idle]
+            for context, _ in stale:
+                del self.detected[context]
+        for _, request in stale:
+            request.end()
+
+    def requests(self) -> list[_Request]:
+        with self.lock:
+            return list(self.explicit.values()) + list(self.detected.values())
+
+    def bytes_held(self) -> int:
+        return sum(r.stats.bytes_held for r in self.requests())
+
+    def enforce_cap(self, keep: _Request) -> None:
+        """Drop the buffers of the oldest detected requests while the model holds more than the cap."""
+        cap = self.config.max_residual_bytes
+        if cap < 0:
+            return
+        total = self.bytes_held()
+        if total <= cap:
+            return
+        with self.lock:
+            victims = sorted((r for r in self.detected.values() if r is not keep), key=lambda r: r.stats.id)
+        for request in victims:
+            if total <= cap:
+                break
+            total -= request.stats.bytes_held
+            request.end()
+        if not self._capped:
+            self._capped = True
+            log.warning(
+                f"cachedit: residual buffers reached max_residual_bytes={cap}; the oldest detected requests "
+                "lose their buffers and compute every step (logged once per model)"
+            )
 
 
 class StepCache:
-    """All step-cache state of one compiled graph, per model instance. Owned by the top module.
+    """The step-cache logic of one compiled graph; the state lives in ``ModelState`` objects.
 
+    ``split`` names the split (Fn, Bn, chain): graphs with the same split share a model's state.
     ``on_new_owner(param)`` is called the first time a model instance (named by one of its
-    parameters, which the gate receives as an input) runs through the graph.
+    parameters, which the gate receives as an input) runs through this graph.
     """
 
-    def __init__(self, config: CacheditConfig, on_new_owner: Callable[[torch.Tensor], None] | None = None):
+    def __init__(
+        self,
+        config: CacheditConfig,
+        split: Any = None,
+        on_new_owner: Callable[[torch.Tensor], None] | None = None,
+    ):
         self.config = config
+        self.split = split
         self.on_new_owner = on_new_owner
-        self._owners: dict[int, _Owner] = {}
+        # This graph keeps the states of the models it served alive, keyed by the identity of the
+        # model's parameter; a parameter's death queues its key (callbacks may run inside the lock).
+        self._states: dict[int, tuple[weakref.ref, ModelState]] = {}
+        self._dead: list[int] = []
         self._lock = threading.Lock()
         self.reduce_sums = None  # set under context parallelism: sums a tensor over every rank
 
-    # -- requests -------------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------------
 
-    def _owner(self, param: torch.Tensor) -> tuple[int, _Owner]:
-        key = id(param)
-        owner = self._owners.get(key)
-        if owner is None:
-            with self._lock:  # two threads may bring a new model instance at once: one creates its state
-                owner = self._owners.get(key)
-                created = owner is None
-                if created:
-                    owner = self._owners[key] = _Owner()
+    def state(self, param: torch.Tensor) -> ModelState:
+        entry = self._states.get(id(param))
+        if entry is not None and entry[0]() is param:
+            return entry[1]
+        with self._lock:  # two threads may bring a new model instance at once: one state results
+            self._purge()
+            entry = self._states.get(id(param))
+            created = entry is None or entry[0]() is not param
             if created:
-                weakref.finalize(param, self._owners.pop, key, None)
-                if self.on_new_owner is not None:
-                    self.on_new_owner(param)
-        return key, owner
+                state = registry.shared(param, self.split, lambda: ModelState(param, self.config))
+                ref = weakref.ref(param, lambda _r, key=id(param), dead=self._dead: dead.append(key))
+                entry = self._states[id(param)] = (ref, state)
+        if created and self.on_new_owner is not None:
+            self.on_new_owner(param)
+        return entry[1]
+
+    def _purge(self) -> None:
+        """Forget the states of dead model instances (called under ``_lock``)."""
+        while self._dead:
+            key = self._dead.pop()
+            entry = self._states.get(key)
+            if entry is not None and entry[0]() is None:
+                del self._states[key]
+
+    def states_for(self, param_ids) -> list[ModelState]:
+        """The states of the model instances among ``param_ids`` (all when None)."""
+        with self._lock:
+            self._purge()
+            items = list(self._states.items())
+        return [state for key, (_, state) in items if param_ids is None or key in param_ids]
 
     def records_for(self, param_ids) -> list[RequestStats]:
         """Request records of the model instances among ``param_ids`` (all when None), oldest first."""
-        owners = [o for k, o in list(self._owners.items()) if param_ids is None or k in param_ids]
-        return sorted((r for o in owners for r in list(o.records)), key=lambda r: r.id)
+        records = []
+        for state in self.states_for(param_ids):
+            state.sweep()
+            with state.lock:
+                records += list(state.records)
+        return sorted(records, key=lambda r: r.id)
 
     @property
     def records(self) -> list[RequestStats]:
         return self.records_for(None)
 
-    def _new_request(self, owner: _Owner, source: str, num_steps: int | None) -> _Request:
-        stats = RequestStats(id=next(_request_ids), source=source, num_inference_steps=num_steps)
-        with self._lock:
-            owner.records.append(stats)
-        return _Request(stats)
-
-    def close(self, token: RequestToken) -> None:
-        """Drop the buffers of an explicit request (its stats stay)."""
-        for owner in list(self._owners.values()):
-            owner.explicit.pop(token.id, None)
-
-    def _current(self, key: int, owner: _Owner) -> tuple[_Request | None, RequestToken | None]:
-        token = _ACTIVE.get()
-        if token is not None and key in token.owner:
-            return owner.explicit.get(token.id), token
-        return getattr(owner.local, "request", None), None
-
-    def _is_pair(self, req: _Request, t: float | None) -> bool:
-        """Is this call the second call (uncond branch) of the step ``req`` is at?"""
-        if self.config.cfg is CfgMode.BATCHED or req.calls_at_step != 1:
-            return False
-        if t is not None and req.last_t is not None:
-            return t == req.last_t
-        return self.config.cfg is CfgMode.SEPARATE  # no timestep: alternate by call parity
-
-    def _starts_new(self, req: _Request | None, t: float | None) -> bool:
-        if req is None:
-            return True
-        if self._is_pair(req, t):
-            return False
-        n = req.stats.num_inference_steps
-        if n is not None and req.step + 1 >= n:
-            return True
-        if t is None or req.last_t is None:
-            return False
-        if t == req.last_t:
-            return True  # a timestep repeated where no CFG pair is possible
-        direction = 1 if t > req.last_t else -1
-        return req.direction != 0 and direction != req.direction
-
     # -- the gate ---------------------------------------------------------------------------------
 
     def gate(
-        self, residual: torch.Tensor, timestep: torch.Tensor | None, param: torch.Tensor
-    ) -> tuple[policy.Decision, _Branch]:
+        self,
+        residual: torch.Tensor,
+        timestep: torch.Tensor | None,
+        param: torch.Tensor,
+        latent: torch.Tensor | None = None,
+        conditioning: torch.Tensor | None = None,
+    ) -> tuple[policy.Decision, _Branch, _Request, ModelState]:
         """Place this call in its request, step and branch, and decide compute or cache."""
-        key, owner = self._owner(param)
-        req, token = self._current(key, owner)
-        read_t = timestep is not None and (token is None or self.config.cfg is not CfgMode.BATCHED)
-        t, sums = self._read(req, residual, timestep if read_t else None)
+        state = self.state(param)
+        now = time.monotonic()
+        state.sweep(now)
+        token = _ACTIVE.get()
+        if token is not None and id(param) not in token.owner:
+            token = None  # a request opened for another model
+        context = None if token is not None else _execution_context()
+        with state.lock:
+            req = state.explicit.get(token.id) if token is not None else state.detected.get(context)
+        config = req.config if req is not None else self.config.for_request(token.settings if token else {})
+        same_step = req is not None and req.step >= 0 and config.cfg is not CfgMode.BATCHED and req.same_latent(latent)
+        read_t = timestep is not None and (token is None or config.cfg is not CfgMode.BATCHED)
+        t, sums = self._read(req, config, residual, timestep if read_t else None, latent, same_step)
+
         if token is not None:
             if req is None:
-                req = owner.explicit[token.id] = self._new_request(owner, "explicit", token.num_inference_steps)
-                token.users.add(self)
-        elif self._starts_new(req, t):
-            req = owner.local.request = self._new_request(owner, "timestep" if t is not None else "call", None)
-        branch = self._advance(req, t)
+                req = state.new_request("explicit", config, token.num_inference_steps, token.settings)
+                with state.lock:
+                    state.explicit[token.id] = req
+                token.users.add(state)
+        elif self._starts_new(req, t, residual, latent, conditioning, same_step):
+            source = "timestep" if t is not None else "call"
+            steps = self.config.num_inference_steps or None
+            req = state.new_request(source, config, steps, {})
+            state.set_detected(context, req)
+        req.last_used = now
+        if req.shape is not None and req.shape != tuple(residual.shape):
+            for branch in req.branches:  # a new resolution inside an explicit request: nothing to reuse
+                branch.drop()
+        req.shape = tuple(residual.shape)
+        branch = self._advance(req, t, latent, conditioning, same_step)
 
         if token is None and timestep is None:
             # Caching across a boundary we cannot see could mix two requests: compute.
@@ -235,9 +402,9 @@ class StepCache:
             if id(branch) in sums:
                 num, den = sums[id(branch)]
                 diff = num / den if den > 0 else float("inf")  # 0/0 is NaN in cache-dit: never similar
-            elif policy.needs_diff(self.config, branch.history, req.step):
+            elif policy.needs_diff(req.config, branch.history, req.step):
                 diff = float("inf")  # the residual's shape changed since the last computed step
-            decision = policy.decide(self.config, branch.history, req.step, diff)
+            decision = policy.decide(req.config, branch.history, req.step, diff)
         policy.record(branch.history, decision)
         stats = branch.stats
         (stats.cached_steps if decision.cache else stats.computed_steps).append(req.step)
@@ -246,10 +413,16 @@ class StepCache:
             stats.diffs[req.step] = decision.diff
         if not decision.cache:
             branch.prev_residual = residual
-        return decision, branch
+        return decision, branch, req, state
 
     def _read(
-        self, req: _Request | None, residual: torch.Tensor, timestep: torch.Tensor | None
+        self,
+        req: _Request | None,
+        config: CacheditConfig,
+        residual: torch.Tensor,
+        timestep: torch.Tensor | None,
+        latent: torch.Tensor | None,
+        same_step: bool,
     ) -> tuple[float | None, dict[int, tuple[float, float]]]:
         """Read the timestep and the diff sums of every branch this call may belong to, in one go.
 
@@ -257,14 +430,18 @@ class StepCache:
         """
         candidates: list[tuple[_Branch, int]] = []  # (branch, the step it would be at)
         if req is not None and req.step >= 0:
-            candidates.append((req.branch(0), req.step + 1))
-            if self.config.cfg is not CfgMode.BATCHED and req.calls_at_step == 1 and len(req.branches) > 1:
-                candidates.append((req.branches[1], req.step))
+            if same_step:
+                candidates.append((req.branch(req.calls_at_step), req.step))
+            else:
+                candidates.append((req.branch(0), req.step + 1))
+                pair_possible = latent is None and config.cfg is not CfgMode.BATCHED and req.calls_at_step == 1
+                if pair_possible and len(req.branches) > 1:
+                    candidates.append((req.branches[1], req.step))
         reads = [timestep.reshape(-1)[:1].float()] if timestep is not None else []
         diffs_for = []
         for branch, step in candidates:
             prev = branch.prev_residual
-            if prev is not None and prev.shape == residual.shape and policy.needs_diff(self.config, branch.history, step):
+            if prev is not None and prev.shape == residual.shape and policy.needs_diff(config, branch.history, step):
                 reads.append(torch.ops.cachedit.residual_diff(prev, residual))
                 diffs_for.append(branch)
         if diffs_for and self.reduce_sums is not None:  # context parallel: decide on the sums over all ranks
@@ -275,10 +452,42 @@ class StepCache:
         t = values.pop(0) if timestep is not None else None
         return t, {id(b): (values[2 * i], values[2 * i + 1]) for i, b in enumerate(diffs_for)}
 
-    def _advance(self, req: _Request, t: float | None) -> _Branch:
-        """Move ``req`` to this call: the second call of a CFG pair, or the next step."""
-        if req.step >= 0 and self._is_pair(req, t):
-            index, req.calls_at_step = 1, 2
+    @staticmethod
+    def _is_pair(req: _Request, t: float | None, latent: torch.Tensor | None, same_step: bool) -> bool:
+        """Is this call a further call (another branch) of the step ``req`` is at?"""
+        if same_step:
+            return True
+        if latent is not None or req.config.cfg is CfgMode.BATCHED or req.calls_at_step != 1:
+            return False  # with a latent signal, only the same latent makes a pair
+        if t is not None and req.last_t is not None:
+            return t == req.last_t
+        return req.config.cfg is CfgMode.SEPARATE  # no timestep: alternate by call parity
+
+    def _starts_new(self, req, t, residual, latent, conditioning, same_step) -> bool:
+        """Does this call (outside an explicit request) start a new detected request? Note [Requests and branches]."""
+        if req is None:
+            return True
+        if same_step or self._is_pair(req, t, latent, same_step):
+            return False
+        if req.shape != tuple(residual.shape):
+            return True  # a new resolution
+        n = req.stats.num_inference_steps
+        if n is not None and req.step + 1 >= n:
+            return True
+        if conditioning is not None and req.conditionings and not req.knows(conditioning):
+            return True
+        if t is None or req.last_t is None:
+            return False
+        if t == req.last_t:
+            return req.direction == 0  # a repeat on a new latent: a new step only once a direction is known
+        direction = 1 if t > req.last_t else -1
+        return req.direction != 0 and direction != req.direction
+
+    def _advance(self, req: _Request, t, latent, conditioning, same_step) -> _Branch:
+        """Move ``req`` to this call: a further call of the current step, or the next step."""
+        if req.step >= 0 and self._is_pair(req, t, latent, same_step):
+            index = req.calls_at_step
+            req.calls_at_step += 1
         else:
             if req.last_t is not None and t is not None and t != req.last_t:
                 req.direction = 1 if t > req.last_t else -1
@@ -286,25 +495,35 @@ class StepCache:
             req.stats.steps = req.step + 1
             index, req.calls_at_step = 0, 1
         req.last_t = t
+        if latent is not None:
+            req.latent, req.latent_version = weakref.ref(latent), latent._version
+        if conditioning is not None and not req.knows(conditioning):
+            req.conditionings.append(weakref.ref(conditioning))
         return req.branch(index)
 
     # -- the reuse node -------------------------------------------------------------------------
 
     def reuse(self, gated, middle, residual_of: tuple[int, ...], inputs) -> tuple[torch.Tensor, ...]:
-        decision, branch = gated
+        decision, branch, req, state = gated
         if decision.cache:
             assert branch.residuals is not None, "a cached step needs residuals from a computed step"
             # The tail was compiled for the middle's output layout (Inductor asserts sizes and strides);
             # a stream entering the middle can be a strided slice, so add into that layout.
-            return tuple(
+            outs = tuple(
                 torch.add(inputs[j], r, out=torch.empty_strided(size, stride, dtype=r.dtype, device=r.device))
                 for j, r, (size, stride) in zip(residual_of, branch.residuals, branch.layouts)
             )
-        outs = middle(*inputs)
-        k = len(residual_of)
-        branch.residuals = tuple(outs[k:])
-        branch.layouts = tuple((o.shape, o.stride()) for o in outs[:k])
-        return tuple(outs[:k])
+        else:
+            computed = middle(*inputs)
+            outs = tuple(computed[: len(residual_of)])
+            branch.residuals = tuple(computed[len(residual_of) :])
+            branch.layouts = tuple((o.shape, o.stride()) for o in outs)
+        n = req.stats.num_inference_steps
+        if n is not None and req.step + 1 >= n:
+            branch.drop()  # this branch's last step: nothing will reuse its buffers
+        if not decision.cache:
+            state.enforce_cap(req)
+        return outs
 
 
 class Gate(torch.nn.Module):
@@ -314,8 +533,8 @@ class Gate(torch.nn.Module):
         super().__init__()
         self.cache = cache
 
-    def forward(self, residual: torch.Tensor, timestep: torch.Tensor | None, param: torch.Tensor):
-        return self.cache.gate(residual, timestep, param)
+    def forward(self, residual, timestep, param, latent=None, conditioning=None):
+        return self.cache.gate(residual, timestep, param, latent, conditioning)
 
 
 class Reuse(torch.nn.Module):

@@ -15,15 +15,14 @@ OWNER = torch.nn.Parameter(torch.zeros(1))  # stands for the model instance (the
 
 def make(**kw):
     kw = {"Fn": 1, "threshold": 0.5, "warmup_steps": 1, **kw}
-    return StepCache(CacheditConfig(**kw))
+    return StepCache(CacheditConfig(**kw), split=object())  # a split of its own: shares no state
 
 
 def call(cache, t, value=1.0):
     """One transformer call: head residual filled with ``value`` at timestep ``t``."""
     residual = torch.full((2, 5), float(value))
     ts = None if t is None else torch.tensor([float(t), float(t)])
-    decision, _ = cache.gate(residual, ts, OWNER)
-    return decision
+    return cache.gate(residual, ts, OWNER)[0]
 
 
 def test_descending_timesteps_then_a_new_request_starts_from_nothing():
@@ -94,7 +93,7 @@ def test_explicit_request_counts_steps_without_timesteps():
     (req,) = cache.records
     assert req.source == "explicit" and req.steps == 3 and req.num_inference_steps == 3
     assert set(req.branches) == {"cond", "uncond"}
-    assert not any(o.explicit for o in cache._owners.values()), "buffers of a closed request are dropped"
+    assert not any(s.explicit for s in cache.states_for(None)), "buffers of a closed request are dropped"
 
 
 def test_num_inference_steps_bounds_a_detected_request_when_known():
