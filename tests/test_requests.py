@@ -7,7 +7,6 @@ state leaking between requests changes a decision or a cached residual, and with
 """
 
 import asyncio
-import dataclasses
 import gc
 import math
 import threading
@@ -21,10 +20,8 @@ from torch._dynamo.utils import counters
 
 import cachedit
 from cachedit.api import _graphs
-from tests.models import get
+from tests.request_streams import SPEC, Request, cached_steps, compile_fresh, exhaust, flux_inputs, timesteps
 
-SPEC = get("flux")
-OPTIONS = dict(Fn=1, Bn=0, threshold=0.4, warmup_steps=3, inner="eager")
 
 
 @pytest.fixture(autouse=True)
@@ -35,61 +32,8 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@dataclasses.dataclass
-class Request:
-    """One generation: Euler steps over ``timesteps`` from the latent and conditioning of ``seed``."""
-
-    seed: int
-    timesteps: list[float]
-    explicit: bool = False  # inside cachedit.request (else detected)
-    settings: dict = dataclasses.field(default_factory=dict)
-    calls_per_step: int = 1  # 2: separate CFG (cond, uncond); 3: a third guidance call
-    stop_after: int | None = None  # cancelled after this many steps
-
-    def steps(self, model):
-        """A generator: one transformer step per ``next``; returns the final latent."""
-        base = SPEC.inputs(self.timesteps[0], seed=self.seed)
-        negative = SPEC.inputs(self.timesteps[0], seed=self.seed + 1000)["encoder_hidden_states"]
-        perturbed = base["encoder_hidden_states"] * 0.5
-        conditionings = [base["encoder_hidden_states"], negative, perturbed][: self.calls_per_step]
-        x = SPEC.latent(base)
-        n = len(self.timesteps)
-        for k, t in enumerate(self.timesteps):
-            if self.stop_after is not None and k == self.stop_after:
-                return None
-            kwargs = SPEC.with_step(base, x, t)
-            outs = []
-            with torch.no_grad():
-                for cond in conditionings:
-                    outs.append(SPEC.out_to_latent(model(**{**kwargs, "encoder_hidden_states": cond})))
-            out = outs[0] if len(outs) == 1 else outs[0] + 0.5 * (outs[0] - outs[1]) + 0.1 * sum(outs[2:], 0.0 * x)
-            x = x - out / n
-            yield
-        return x
-
-    def run(self, model):
-        """The whole request at once (inside its own cachedit.request when explicit)."""
-        return drive(self, model, lambda gen: _exhaust(gen))
-
-
-def drive(request, model, body):
-    if request.explicit:
-        with cachedit.request(model, num_inference_steps=len(request.timesteps), **request.settings):
-            return body(request.steps(model))
-    return body(request.steps(model))
-
-
-def _exhaust(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
-
-
 def fresh(**options):
-    model = SPEC.build()
-    return model, torch.compile(model, backend="cachedit", options={**OPTIONS, **options})
+    return compile_fresh(**options)
 
 
 def solo(request, **options):
@@ -100,14 +44,6 @@ def solo(request, **options):
     (record,) = cachedit.stats(model)
     torch._dynamo.reset()
     return out, cached_steps(record)
-
-
-def cached_steps(record):
-    return {name: list(b.cached_steps) for name, b in record.branches.items()}
-
-
-def timesteps(n, start=0):
-    return SPEC.timesteps(n)[start:]
 
 
 def test_concurrent_first_calls_on_a_fresh_compile_each_equal_their_solo_runs():
@@ -121,12 +57,10 @@ def test_concurrent_first_calls_on_a_fresh_compile_each_equal_their_solo_runs():
     results, errors = {}, []
 
     def run(seed):
-        def body(gen):
-            barrier.wait(timeout=60)  # both first calls race the compile
-            return _exhaust(gen)
-
         try:
-            results[seed] = drive(requests[seed], fast, body)
+            gen = requests[seed].generate(fast)
+            barrier.wait(timeout=60)  # both first calls race the compile
+            results[seed] = exhaust(gen)
         except Exception as err:  # surfaced below
             errors.append(err)
 
@@ -170,11 +104,10 @@ def test_one_call_requests_and_a_one_step_model_each_start_from_nothing():
 def test_an_exception_mid_request_leaves_nothing_behind():
     model, fast = fresh()
     with pytest.raises(RuntimeError, match="client gone"):
-        with cachedit.request(fast, num_inference_steps=10):
-            gen = Request(1, timesteps(10)).steps(fast)
-            for _ in range(6):
-                next(gen)
-            raise RuntimeError("client gone")
+        gen = Request(1, timesteps(10), explicit=True).generate(fast)
+        for _ in range(6):
+            next(gen)
+        gen.throw(RuntimeError("client gone"))
     assert cachedit.stats(model)[0].bytes_held == 0
     request = Request(2, timesteps(10)[4:], explicit=True)
     expected = solo(request)
@@ -292,22 +225,8 @@ def _tensors_alive(exclude: set[int]) -> list[torch.Tensor]:
     return found
 
 
-def _flux_request(tokens: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    kwargs = dict(
-        hidden_states=torch.randn(1, tokens, 16, generator=g),
-        encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
-        pooled_projections=torch.randn(1, 32, generator=g),
-        img_ids=torch.randn(tokens, 3, generator=g),
-        txt_ids=torch.zeros(7, 3),
-        guidance=torch.full((1,), 3.5),
-        return_dict=False,
-    )
-    return kwargs
-
-
 def _generate(fast, tokens, seed, steps=4):
-    kwargs = _flux_request(tokens, seed)
+    kwargs = flux_inputs(tokens, seed)
     x = kwargs.pop("hidden_states")
     with torch.no_grad():
         for t in SPEC.timesteps(steps):

@@ -22,9 +22,9 @@ Boundaries of a detected request, checked in this order on each call:
   2. A new request when: the input shape changed (a new resolution); ``num_inference_steps`` steps are
      done (when known); the conditioning input (the largest other input, e.g. the text embedding, which
      pipelines make once per generation) is none of the request's; or the timestep breaks the direction
-     the request moves in. A timestep equal to the last one on a new latent is a new step once the
-     request has a direction (bf16 rounding at many steps, Heun's repeated timesteps), and a new request
-     before that (a one-call request, a 1-step model).
+     the request moves in. A timestep equal to the last one on a new latent (bf16 rounding at many
+     steps, Heun's repeated timesteps) is a new step when the conditioning matches or the request has a
+     direction, and a new request otherwise (a one-call request, a 1-step model without conditioning).
   3. Otherwise the next step. Without a latent signal (no such input), the old rule applies: a repeated
      timestep right after a step's first call is its uncond call.
 A request left behind (cancelled, a client gone) is superseded by the next request of its context,
@@ -474,12 +474,13 @@ class StepCache:
         n = req.stats.num_inference_steps
         if n is not None and req.step + 1 >= n:
             return True
-        if conditioning is not None and req.conditionings and not req.knows(conditioning):
+        known = conditioning is not None and bool(req.conditionings)
+        if known and not req.knows(conditioning):
             return True
         if t is None or req.last_t is None:
             return False
-        if t == req.last_t:
-            return req.direction == 0  # a repeat on a new latent: a new step only once a direction is known
+        if t == req.last_t:  # a repeat on a new latent: a new step if the conditioning or a direction says so
+            return req.direction == 0 and not known
         direction = 1 if t > req.last_t else -1
         return req.direction != 0 and direction != req.direction
 
