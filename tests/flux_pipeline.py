@@ -58,12 +58,14 @@ def prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g), torch.randn(1, TEXT_DIM, generator=g)
 
 
-def generate(pipe: FluxPipeline, steps: int | None, *, true_cfg: bool = False, seed: int = 0) -> torch.Tensor:
+def generate(
+    pipe: FluxPipeline, steps: int | None, *, true_cfg: bool = False, seed: int = 0, **extra: Any
+) -> torch.Tensor:
     """One ``pipe(...)`` call; returns the final packed latents [1, 16, 16].
 
     ``steps=None`` leaves ``num_inference_steps`` out of the call (the pipeline's default, 28).
     With ``true_cfg`` the pipeline runs true CFG (scale 2 with a negative prompt): two transformer calls
-    per step, the positive prompt first.
+    per step, the positive prompt first. ``extra`` goes into the call as it is (e.g. ``cachedit={...}``).
     """
     embeds, pooled = prompt(1)
     kwargs: dict[str, Any] = dict(
@@ -82,4 +84,4 @@ def generate(pipe: FluxPipeline, steps: int | None, *, true_cfg: bool = False, s
         kwargs.update(true_cfg_scale=2.0, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        return pipe(**kwargs)[0]
+        return pipe(**kwargs, **extra)[0]

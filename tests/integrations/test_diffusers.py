@@ -97,3 +97,33 @@ def test_two_pipelines_with_equal_options_keep_their_own_requests():
     generate(second, 6)
     assert [r.source for r in cachedit.stats(first)] == ["explicit"]
     assert [r.source for r in cachedit.stats(second)] == ["explicit"]
+
+
+def test_per_call_settings_reach_that_request_only():
+    pipe = cachedit.enable(tiny_flux_pipeline(), inner="eager", Fn=1, threshold=0.35, warmup_steps=2)
+    generate(pipe, 10)
+    generate(pipe, 10, cachedit={"threshold": 0.0})
+    generate(pipe, 10, cachedit={"threshold": 0.9, "warmup_steps": 1})
+    generate(pipe, 10)
+    records = cachedit.stats(pipe)
+    assert [r.settings for r in records] == [{}, {"threshold": 0.0}, {"threshold": 0.9, "warmup_steps": 1}, {}]
+    cached = [r.num_cached_steps for r in records]
+    assert cached[1] == 0 and cached[2] > cached[0] > 0 and cached[3] == cached[0]
+    assert _graph_count(pipe) == 1
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"Fn": 2}, r"Fn=2 cannot be set per request: it is fixed when the model is compiled"),
+        ({"threshhold": 0.2}, r"unknown per-request setting 'threshhold'.*Did you mean 'threshold'"),
+        ({"warmup_steps": -1}, r"warmup_steps=-1 is out of range"),
+        (0.2, r"cachedit=0.2: expected a dict"),
+    ],
+    ids=["structural", "typo", "out-of-range", "not-a-dict"],
+)
+def test_bad_per_call_settings_fail_before_the_first_step(settings, message):
+    pipe = cachedit.enable(tiny_flux_pipeline(), inner="eager", Fn=1)
+    with pytest.raises((ValueError, TypeError), match=message):
+        generate(pipe, 4, cachedit=settings)
+    assert cachedit.stats(pipe) == []

@@ -1,6 +1,7 @@
 """Request detection, CFG branches, diffs and thread isolation of the StepCache (no graph needed)."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -97,10 +98,52 @@ def test_explicit_request_counts_steps_without_timesteps():
 
 
 def test_num_inference_steps_bounds_a_detected_request_when_known():
-    cache = make()
+    cache = make(num_inference_steps=2)
     with open_request(frozenset({999}), 2):  # a request for another model does not apply
-        call(cache, 1.0), call(cache, 0.5), call(cache, 0.25)
-    assert [r.source for r in cache.records] == ["timestep"]
+        decisions = [call(cache, t) for t in (1.0, 0.5, 0.25)]  # one direction throughout
+    assert [(r.source, r.num_inference_steps, r.steps) for r in cache.records] == [("timestep", 2, 2), ("timestep", 2, 1)]
+    assert [d.step for d in decisions] == [0, 1, 0]
+
+
+def test_a_branch_frees_its_buffers_after_its_last_step():
+    cache = make(num_inference_steps=2)
+    latent = torch.zeros(1)
+    gated = cache.gate(torch.ones(2, 5), torch.tensor([1.0]), OWNER, latent)
+    cache.reuse(gated, lambda h: (h + 1, torch.ones(2, 5)), (0,), (torch.zeros(2, 5),))
+    assert cache.records[0].bytes_held == 2 * 40  # head residual + middle residual, fp32 [2, 5]
+    gated = cache.gate(torch.ones(2, 5), torch.tensor([0.5]), OWNER, torch.zeros(1))
+    cache.reuse(gated, lambda h: (h + 1, torch.ones(2, 5)), (0,), (torch.zeros(2, 5),))
+    assert cache.records[0].bytes_held == 0
+
+
+def test_same_latent_is_another_branch_and_a_third_call_gets_its_own():
+    cache = make(warmup_steps=0)
+    for t in (1.0, 0.5):
+        latent = torch.zeros(1)
+        for _ in range(3):  # cond, uncond, a third guidance call: all on the step's latent
+            cache.gate(torch.ones(2, 5), torch.tensor([t]), OWNER, latent)
+    (req,) = cache.records
+    assert req.steps == 2 and list(req.branches) == ["cond", "uncond", "branch2"]
+    assert all(b.computed_steps + b.cached_steps == [0, 1] for b in req.branch_list)
+
+
+def test_new_conditioning_starts_a_new_request_whatever_the_timestep():
+    cache = make()
+    text_a, text_b = torch.zeros(1, 2), torch.zeros(1, 2)
+    for t in (1.0, 0.8, 0.6):
+        cache.gate(torch.ones(2, 5), torch.tensor([t]), OWNER, torch.zeros(1), text_a)
+    cache.gate(torch.ones(2, 5), torch.tensor([0.4]), OWNER, torch.zeros(1), text_b)  # continues in time only
+    assert [r.steps for r in cache.records] == [3, 1]
+
+
+def test_an_idle_detected_request_is_dropped():
+    cache = make(request_idle_seconds=0.05)
+    gated = cache.gate(torch.ones(2, 5), torch.tensor([1.0]), OWNER, torch.zeros(1))
+    cache.reuse(gated, lambda h: (h + 1, torch.ones(2, 5)), (0,), (torch.zeros(2, 5),))
+    del gated
+    assert cache.records[0].bytes_held > 0
+    time.sleep(0.3)
+    assert cache.records[0].bytes_held == 0  # reading the records sweeps idle requests
 
 
 def test_request_validates_steps():
