@@ -360,8 +360,11 @@ class StepCache:
         param: torch.Tensor,
         latent: torch.Tensor | None = None,
         conditioning: torch.Tensor | None = None,
-    ) -> tuple[policy.Decision, _Branch, _Request, ModelState]:
-        """Place this call in its request, step and branch, and decide compute or cache."""
+    ) -> tuple:
+        """Place this call in its request, step and branch, and decide compute or cache.
+
+        Returns what the reuse node needs: ``(decision, branch, request, state, cached residuals)``.
+        """
         state = self.state(param)
         now = time.monotonic()
         state.sweep(now)
@@ -413,7 +416,10 @@ class StepCache:
             stats.diffs[req.step] = decision.diff
         if not decision.cache:
             branch.prev_residual = residual
-        return decision, branch, req, state
+        # What a cached step adds, taken now: another thread may drop this request's buffers (the byte
+        # cap, the idle sweep) before the reuse node runs.
+        cached = (branch.residuals, branch.layouts) if decision.cache else None
+        return decision, branch, req, state, cached
 
     def _read(
         self,
@@ -505,14 +511,15 @@ class StepCache:
     # -- the reuse node -------------------------------------------------------------------------
 
     def reuse(self, gated, middle, residual_of: tuple[int, ...], inputs) -> tuple[torch.Tensor, ...]:
-        decision, branch, req, state = gated
+        decision, branch, req, state, cached = gated
         if decision.cache:
-            assert branch.residuals is not None, "a cached step needs residuals from a computed step"
+            residuals, layouts = cached
+            assert residuals is not None, "a cached step needs residuals from a computed step"
             # The tail was compiled for the middle's output layout (Inductor asserts sizes and strides);
             # a stream entering the middle can be a strided slice, so add into that layout.
             outs = tuple(
                 torch.add(inputs[j], r, out=torch.empty_strided(size, stride, dtype=r.dtype, device=r.device))
-                for j, r, (size, stride) in zip(residual_of, branch.residuals, branch.layouts)
+                for j, r, (size, stride) in zip(residual_of, residuals, layouts)
             )
         else:
             computed = middle(*inputs)
