@@ -270,6 +270,7 @@ def test_request_streams_equal_their_solo_runs(serving):
     )(RequestStreams)
     run.TestCase().runTest()
     done = serving.completed
+    print(f"stateful: {EXAMPLES} examples, {len(done)} completed requests checked against their solo runs")
     assert len(done) >= EXAMPLES, f"only {len(done)} requests completed: the machine checked too little"
     kinds = {(r.explicit, r.calls_per_step > 1, r.tokens) for r in done}
     assert len(kinds) >= 4, f"the streams covered too few kinds of request: {kinds}"
