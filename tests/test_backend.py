@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import traceback
 
 import pytest
 import torch
@@ -247,11 +248,29 @@ def test_disable_compiles_whole(monkeypatch):
     assert "disabled by configuration" in cachedit.explain(model)
 
 
-def test_bad_env_fails_the_compile_with_the_variable_named(monkeypatch):
-    monkeypatch.setenv("CACHEDIT_THRESHOLD", "lots")
+@pytest.mark.parametrize(
+    "options, env, first_line",
+    [
+        ({"Fn": "x"}, {}, "cachedit option Fn='x' is not an integer"),
+        ({"fn": 1}, {}, "unknown cachedit option 'fn'. Did you mean 'Fn'?"),
+        ({}, {"CACHEDIT_THRESHOLD": "lots"}, "environment variable CACHEDIT_THRESHOLD='lots' is not a number"),
+    ],
+    ids=["bad-value", "typo", "bad-env"],
+)
+def test_bad_option_fails_the_first_call_naming_it_without_dynamo_frames(monkeypatch, options, env, first_line):
+    """torch.compile only stores the options (Note [Option errors at the first call]), so the first call
+    fails: its message starts with what the user wrote, and no frame of Dynamo's tracer or of its backend
+    plumbing is in the traceback (only torch.compile's call wrappers in eval_frame.py, then ours)."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     spec = get("sd3")
-    with pytest.raises(Exception, match="CACHEDIT_THRESHOLD='lots'"):
-        compiled(spec.build())(**spec.inputs(500.0))
+    with pytest.raises(ValueError) as err:
+        compiled(spec.build(), **options)(**spec.inputs(500.0))
+    assert str(err.value).splitlines()[0].startswith(first_line), str(err.value)
+    frames = traceback.extract_tb(err.value.__traceback__)
+    dynamo = [f"{f.filename}:{f.name}" for f in frames if f"{os.sep}_dynamo{os.sep}" in f.filename]
+    assert all(f.split(":")[0].endswith("eval_frame.py") for f in dynamo), dynamo
+    assert frames[-1].filename.endswith(os.path.join("cachedit", "backend.py")), frames[-1]
 
 
 def test_registered_without_import_in_a_fresh_interpreter(tmp_path):
