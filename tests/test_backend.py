@@ -51,6 +51,10 @@ def test_gate_forced_to_compute_is_bitwise_eager(name):
     reference, _ = denoise(model, spec, num_steps=3)
     result, _ = denoise(compiled(model, **EXACT), spec, num_steps=3)
     assert torch.equal(result, reference)
+    # The README's "captured as one graph" for every single-graph row, at no extra cost: these three calls
+    # were Dynamo's only compiles (tests/test_models.py re-checks cold and warm with TEST_GRAPH_COUNTS=1).
+    graphs = counters["stats"]["unique_graphs"]
+    assert (graphs == 1) == spec.single_graph_when_warm, f"{name}: {graphs} Dynamo graphs"
     report = cachedit.explain(model)
     if name in MULTI_GRAPH:
         return  # checked in test_models_dynamo_cannot_capture_whole_still_run
