@@ -289,14 +289,8 @@ def request_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
                 f"settings are {', '.join(REQUEST_SETTINGS)}"
             )
         if key not in names:
-            close = difflib.get_close_matches(key, REQUEST_SETTINGS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"unknown per-request setting {key!r}; accepted: {', '.join(REQUEST_SETTINGS)}.{hint}"
-            )
-        values[key] = _coerce(key, value, _field_type(key), key)
-    try:
-        CacheditConfig(**values)  # the same range checks as a compile option
-    except ValueError as err:
-        raise ValueError(f"per-request setting: {err}") from None
+            close = _did_you_mean(key, REQUEST_SETTINGS)
+            hint = f" Did you mean {close!r}?" if close else ""
+            raise ValueError(f"unknown per-request setting {key!r}.{hint} Accepted: {', '.join(REQUEST_SETTINGS)}")
+        values[key] = _check_field(key, value, key, "per-request setting")  # the checks of a compile option
     return values

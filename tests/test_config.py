@@ -164,3 +164,13 @@ def test_config_object_errors_name_the_constructor_argument():
         CacheditConfig(Fn=0)
     with pytest.raises(ValueError, match=r"^CacheditConfig argument threshold='a' is not a number"):
         CacheditConfig(threshold="a")
+
+
+def test_per_request_settings_errors_name_the_setting():
+    from cachedit.config import request_settings
+
+    with pytest.raises(ValueError, match=r"^per-request setting warmup_steps=-3 is out of range"):
+        request_settings({"warmup_steps": -3})
+    with pytest.raises(ValueError, match=r"^unknown per-request setting 'Threshold'. Did you mean 'threshold'\?"):
+        request_settings({"Threshold": 0.1})
+    assert request_settings({"threshold": "0.2", "cfg": "SEPARATE"}) == {"threshold": 0.2, "cfg": CfgMode.SEPARATE}
