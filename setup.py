@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cachedit", "cachedit.*"]),
     include_package_data=True,
-    package_data={"cachedit": ["assets/**/*", "embedded/weights/**/*"]},
+    package_data={"cachedit": ["embedded/weights/**/*"]},
     install_requires=[
         "torch>=2.11",
         "diffusers>=0.36",

@@ -14,8 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     from cachedit.integrations import demo
 
-    demo.build_parser(commands.add_parser("demo", help="the embedded model with and without cachedit: table + PNG grid",
-                                          description=demo.__doc__.splitlines()[0]))
+    demo.build_parser(commands.add_parser("demo", help="the embedded model with and without cachedit: table + PNG grid"))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

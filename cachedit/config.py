@@ -71,29 +71,8 @@ class CacheditConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            object.__setattr__(self, f.name, _coerce(f.name, value, f.type, f"CacheditConfig.{f.name}"))
-        _check_range("Fn", self.Fn, low=1, hint="at least one block must run on every step to feed the check")
-        _check_range("Bn", self.Bn, low=0, hint="use 0 to cache through the last block")
-        _check_range("warmup_steps", self.warmup_steps, low=0, hint="use 0 for no warmup")
-        _check_range("warmup_interval", self.warmup_interval, low=1, hint="use 1 to warm up on every step")
-        _check_range("max_cached_steps", self.max_cached_steps, low=-1, hint="use -1 for no limit")
-        _check_range(
-            "max_continuous_cached_steps", self.max_continuous_cached_steps, low=-1, hint="use -1 for no limit"
-        )
-        _check_range("ulysses", self.ulysses, low=1, hint="the Ulysses group size; 1 disables Ulysses")
-        _check_range("ring", self.ring, low=1, hint="the ring size; 1 disables Ring attention")
-        _check_range(
-            "num_inference_steps", self.num_inference_steps, low=0, hint="the steps of a detected request; 0: unknown"
-        )
-        _check_range("max_residual_bytes", self.max_residual_bytes, low=-1, hint="use -1 for no cap")
-        if not self.request_idle_seconds > 0:  # also rejects NaN
-            raise ValueError(
-                f"CacheditConfig.request_idle_seconds={self.request_idle_seconds} is out of range; expected seconds "
-                "> 0 after which an idle detected request is dropped (e.g. 600)"
-            )
-        if self.threshold != self.threshold:  # NaN
-            raise ValueError("CacheditConfig.threshold is NaN; expected a float such as 0.08 (<= 0 never caches)")
+            value = _check_field(f.name, getattr(self, f.name), f.name, "CacheditConfig argument")
+            object.__setattr__(self, f.name, value)
 
     def replace(self, **changes: Any) -> "CacheditConfig":
         return dataclasses.replace(self, **changes)
@@ -124,19 +103,13 @@ class CacheditConfig:
             if not key.startswith(ENV_PREFIX):
                 continue
             if key not in by_env:
-                close = difflib.get_close_matches(key, by_env, n=1)
-                hint = f" Did you mean {close[0]}?" if close else ""
+                close = _did_you_mean(key[len(ENV_PREFIX) :], cls.field_names())
+                hint = f" Did you mean {ENV_PREFIX + close.upper()}?" if close else ""
                 raise ValueError(
-                    f"unknown environment variable {key}={raw!r}; cachedit reads {', '.join(sorted(by_env))}.{hint}"
+                    f"unknown environment variable {key}={raw!r}.{hint} cachedit reads {', '.join(sorted(by_env))}"
                 )
             name = by_env[key]
-            values[name] = _coerce(name, raw, _field_type(name), key)
-        # Validate now so the error names the variable, not a later dataclass call.
-        for name, value in values.items():
-            try:
-                cls(**{name: value})
-            except ValueError as err:
-                raise ValueError(f"{ENV_PREFIX + name.upper()}={environ[ENV_PREFIX + name.upper()]!r}: {err}") from None
+            values[name] = _check_field(name, raw, key, "environment variable")
         return values
 
     @classmethod
@@ -155,12 +128,12 @@ class CacheditConfig:
                 "build one with cachedit.CacheditConfig(Fn=..., threshold=...)"
             )
         names = cls.field_names()
-        unknown = [k for k in options if k not in names]
-        if unknown:
-            k = unknown[0]
-            close = difflib.get_close_matches(k, names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown cachedit option {k!r}; accepted options: {', '.join(names)}.{hint}")
+        for k, value in options.items():
+            if k not in names:
+                close = _did_you_mean(k, names) if isinstance(k, str) else None
+                hint = f" Did you mean {close!r}?" if close else ""
+                raise ValueError(f"unknown cachedit option {k!r}.{hint} Accepted options: {', '.join(names)}")
+            options[k] = _check_field(k, value, k, "cachedit option")  # names the option, not the dataclass
         if base is None:
             base = cls(**cls.from_env(os.environ if environ is None else environ))
         return dataclasses.replace(base, **options) if options else base
@@ -174,43 +147,120 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def _coerce(name: str, value: Any, typ: Any, source: str) -> Any:
-    """Convert ``value`` (a string from the environment or a Python value) to the field's type."""
+def _coerce(name: str, value: Any, typ: Any, source: str, where: str = "") -> Any:
+    """Convert ``value`` (a string from the environment or a Python value) to the field's type.
+
+    ``source`` is the key as the user wrote it (``Fn``, ``CACHEDIT_FN``) and ``where`` what kind of key it
+    is (``"cachedit option"``, ``"environment variable"``), so the first line of an error names both.
+    """
     typ = {"int": int, "float": float, "bool": bool}.get(typ, typ) if isinstance(typ, str) else typ
     if isinstance(typ, str):  # enum annotations arrive as strings under `from __future__ import annotations`
         typ = globals()[typ]
+    said = f"{where} {source}={value!r}".lstrip()
+    example = f"{source}={_example(name, env=source.startswith(ENV_PREFIX))}"
     if isinstance(typ, type) and issubclass(typ, enum.Enum):
         try:
             return typ(value.lower() if isinstance(value, str) else value)
         except ValueError:
             accepted = ", ".join(repr(m.value) for m in typ)
-            raise ValueError(f"{source}={value!r} is not accepted; expected one of {accepted}") from None
+            raise ValueError(f"{said} is not accepted; expected one of {accepted}") from None
     if typ is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise ValueError(f"{source}={value!r} is not a boolean; expected one of 1/0, true/false, yes/no, on/off")
+        raise ValueError(f"{said} is not a boolean; expected one of 1/0, true/false, yes/no, on/off")
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"{source}={value!r} is not an integer; expected e.g. {source}=8")
+            raise ValueError(f"{said} is not an integer; expected an integer, e.g. {example}")
         try:
             return int(value.strip()) if isinstance(value, str) else value
         except ValueError:
-            raise ValueError(f"{source}={value!r} is not an integer; expected e.g. {source}=8") from None
+            raise ValueError(f"{said} is not an integer; expected an integer, e.g. {example}") from None
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"{source}={value!r} is not a number; expected e.g. {source}=0.08")
+            raise ValueError(f"{said} is not a number; expected a number, e.g. {example}")
         try:
             return float(value.strip()) if isinstance(value, str) else float(value)
         except ValueError:
-            raise ValueError(f"{source}={value!r} is not a number; expected e.g. {source}=0.08") from None
+            raise ValueError(f"{said} is not a number; expected a number, e.g. {example}") from None
     raise AssertionError(f"field {name} has unsupported type {typ!r}")
 
 
-def _check_range(name: str, value: int, *, low: int, hint: str) -> None:
+def _check_range(
+    name: str, value: int, *, low: int, hint: str, source: str | None = None, where: str = "", written: Any = None
+) -> None:
+    """Raise unless ``value >= low``; the error shows ``written`` (what the user typed) when given."""
     if value < low:
-        raise ValueError(f"CacheditConfig.{name}={value} is out of range; expected an integer >= {low} ({hint})")
+        said = f"{where} {source or name}={value if written is None else written!r}".lstrip()
+        raise ValueError(f"{said} is out of range; expected an integer >= {low} ({hint})")
+
+
+# Lower bounds of the integer fields, with how to say "none" or "off" for each.
+_LOWER_BOUNDS = {
+    "Fn": (1, "at least one block must run on every step to feed the check"),
+    "Bn": (0, "use 0 to cache through the last block"),
+    "warmup_steps": (0, "use 0 for no warmup"),
+    "warmup_interval": (1, "use 1 to warm up on every step"),
+    "max_cached_steps": (-1, "use -1 for no limit"),
+    "max_continuous_cached_steps": (-1, "use -1 for no limit"),
+    "ulysses": (1, "the Ulysses group size; 1 disables Ulysses"),
+    "ring": (1, "the ring size; 1 disables Ring attention"),
+    "num_inference_steps": (0, "the steps of a detected request; 0: unknown"),
+    "max_residual_bytes": (-1, "use -1 for no cap"),
+}
+
+
+def _check_field(name: str, value: Any, source: str, where: str) -> Any:
+    """One field's value, converted and range-checked; errors name ``where`` and ``source`` as written."""
+    written, value = value, _coerce(name, value, _field_type(name), source, where)
+    if name in _LOWER_BOUNDS:
+        low, hint = _LOWER_BOUNDS[name]
+        _check_range(name, value, low=low, hint=hint, source=source, where=where, written=written)
+    if name == "threshold" and value != value:  # NaN
+        raise ValueError(
+            f"{where} {source}={written!r} is NaN; expected a number such as {source}=0.08 (<= 0 never caches)".lstrip()
+        )
+    if name == "request_idle_seconds" and not value > 0:  # also rejects NaN
+        raise ValueError(
+            f"{where} {source}={written!r} is out of range; expected seconds > 0 after which an idle detected "
+            f"request is dropped, e.g. {source}=600".lstrip()
+        )
+    return value
+
+
+def _example(name: str, env: bool) -> str:
+    """The field's default, spelled as a user would write it in an option or an environment variable."""
+    default = {f.name: f.default for f in dataclasses.fields(CacheditConfig)}[name]
+    if isinstance(default, enum.Enum):
+        default = default.value
+    if isinstance(default, bool):
+        return str(int(default)) if env else str(default)
+    return str(default)
+
+
+# cache-dit's DBCache names for the same settings: someone coming from cache-dit types these.
+_CACHE_DIT_NAMES = {
+    "fn_compute_blocks": "Fn",
+    "bn_compute_blocks": "Bn",
+    "residual_diff_threshold": "threshold",
+    "max_warmup_steps": "warmup_steps",
+}
+
+
+def _did_you_mean(key: str, names: tuple[str, ...]) -> str | None:
+    """The field ``key`` was probably meant to be: same letters in another case, an env-var spelling
+    (``CACHEDIT_FN``), cache-dit's name for it, or the closest spelling; ``None`` when nothing is close."""
+    by_lower = {n.lower(): n for n in names}
+    lowered = key.lower()
+    if lowered.startswith(ENV_PREFIX.lower()):
+        lowered = lowered[len(ENV_PREFIX) :]
+    if lowered in by_lower:
+        return by_lower[lowered]
+    if lowered in _CACHE_DIT_NAMES:
+        return _CACHE_DIT_NAMES[lowered]
+    close = difflib.get_close_matches(lowered, by_lower, n=1)
+    return by_lower[close[0]] if close else None
 
 
 # Settings a request may change: they steer decisions, not the compiled split (Note [Requests and branches]).
@@ -239,14 +289,8 @@ def request_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
                 f"settings are {', '.join(REQUEST_SETTINGS)}"
             )
         if key not in names:
-            close = difflib.get_close_matches(key, REQUEST_SETTINGS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"unknown per-request setting {key!r}; accepted: {', '.join(REQUEST_SETTINGS)}.{hint}"
-            )
-        values[key] = _coerce(key, value, _field_type(key), key)
-    try:
-        CacheditConfig(**values)  # the same range checks as a compile option
-    except ValueError as err:
-        raise ValueError(f"per-request setting: {err}") from None
+            close = _did_you_mean(key, REQUEST_SETTINGS)
+            hint = f" Did you mean {close!r}?" if close else ""
+            raise ValueError(f"unknown per-request setting {key!r}.{hint} Accepted: {', '.join(REQUEST_SETTINGS)}")
+        values[key] = _check_field(key, value, key, "per-request setting")  # the checks of a compile option
     return values

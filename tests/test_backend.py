@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import traceback
 
 import pytest
 import torch
@@ -50,6 +51,10 @@ def test_gate_forced_to_compute_is_bitwise_eager(name):
     reference, _ = denoise(model, spec, num_steps=3)
     result, _ = denoise(compiled(model, **EXACT), spec, num_steps=3)
     assert torch.equal(result, reference)
+    # The README's "captured as one graph" for every single-graph row, at no extra cost: these three calls
+    # were Dynamo's only compiles (tests/test_models.py re-checks cold and warm with TEST_GRAPH_COUNTS=1).
+    graphs = counters["stats"]["unique_graphs"]
+    assert (graphs == 1) == spec.single_graph_when_warm, f"{name}: {graphs} Dynamo graphs"
     report = cachedit.explain(model)
     if name in MULTI_GRAPH:
         return  # checked in test_models_dynamo_cannot_capture_whole_still_run
@@ -247,11 +252,29 @@ def test_disable_compiles_whole(monkeypatch):
     assert "disabled by configuration" in cachedit.explain(model)
 
 
-def test_bad_env_fails_the_compile_with_the_variable_named(monkeypatch):
-    monkeypatch.setenv("CACHEDIT_THRESHOLD", "lots")
+@pytest.mark.parametrize(
+    "options, env, first_line",
+    [
+        ({"Fn": "x"}, {}, "cachedit option Fn='x' is not an integer"),
+        ({"fn": 1}, {}, "unknown cachedit option 'fn'. Did you mean 'Fn'?"),
+        ({}, {"CACHEDIT_THRESHOLD": "lots"}, "environment variable CACHEDIT_THRESHOLD='lots' is not a number"),
+    ],
+    ids=["bad-value", "typo", "bad-env"],
+)
+def test_bad_option_fails_the_first_call_naming_it_without_dynamo_frames(monkeypatch, options, env, first_line):
+    """torch.compile only stores the options (Note [Option errors at the first call]), so the first call
+    fails: its message starts with what the user wrote, and no frame of Dynamo's tracer or of its backend
+    plumbing is in the traceback (only torch.compile's call wrappers in eval_frame.py, then ours)."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     spec = get("sd3")
-    with pytest.raises(Exception, match="CACHEDIT_THRESHOLD='lots'"):
-        compiled(spec.build())(**spec.inputs(500.0))
+    with pytest.raises(ValueError) as err:
+        compiled(spec.build(), **options)(**spec.inputs(500.0))
+    assert str(err.value).splitlines()[0].startswith(first_line), str(err.value)
+    frames = traceback.extract_tb(err.value.__traceback__)
+    dynamo = [f"{f.filename}:{f.name}" for f in frames if f"{os.sep}_dynamo{os.sep}" in f.filename]
+    assert all(f.split(":")[0].endswith("eval_frame.py") for f in dynamo), dynamo
+    assert frames[-1].filename.endswith(os.path.join("cachedit", "backend.py")), frames[-1]
 
 
 def test_registered_without_import_in_a_fresh_interpreter(tmp_path):

@@ -121,3 +121,56 @@ def test_every_field_has_an_env_variable():
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         CacheditConfig().Fn = 3
+
+
+@pytest.mark.parametrize(
+    "typo, meant",
+    [("fn", "Fn"), ("FN", "Fn"), ("bn", "Bn"), ("Threshold", "threshold"), ("tresholds", "threshold"),
+     ("CACHEDIT_FN", "Fn"), ("residual_diff_threshold", "threshold"), ("Fn_compute_blocks", "Fn"),
+     ("max_warmup_steps", "warmup_steps")],
+)
+def test_option_typo_gets_did_you_mean_first(typo, meant):
+    # a wrong case, the env-var spelling and cache-dit's DBCache names are all typos of one of ours
+    with pytest.raises(ValueError) as err:
+        CacheditConfig.resolve({typo: 1}, {})
+    assert str(err.value).splitlines()[0].startswith(f"unknown cachedit option {typo!r}. Did you mean {meant!r}?")
+
+
+def test_env_typo_across_case_gets_did_you_mean():
+    with pytest.raises(ValueError, match="^unknown environment variable CACHEDIT_Fn='1'. Did you mean CACHEDIT_FN?"):
+        CacheditConfig.resolve(None, {"CACHEDIT_Fn": "1"})
+
+
+@pytest.mark.parametrize(
+    "options, env, first_line",
+    [
+        ({"Fn": "x"}, {}, "cachedit option Fn='x' is not an integer; expected an integer, e.g. Fn=8"),
+        ({"Fn": 0}, {}, "cachedit option Fn=0 is out of range; expected an integer >= 1"),
+        ({"threshold": "high"}, {}, "cachedit option threshold='high' is not a number; expected a number, e.g. threshold=0.08"),
+        ({"cfg": "both"}, {}, "cachedit option cfg='both' is not accepted; expected one of 'auto', 'batched', 'separate'"),
+        (None, {"CACHEDIT_FN": "x"}, "environment variable CACHEDIT_FN='x' is not an integer; expected an integer, e.g. CACHEDIT_FN=8"),
+        (None, {"CACHEDIT_BN": "-5"}, "environment variable CACHEDIT_BN='-5' is out of range; expected an integer >= 0"),
+        (None, {"CACHEDIT_THRESHOLD": "nan"}, "environment variable CACHEDIT_THRESHOLD='nan' is NaN"),
+    ],
+)
+def test_error_first_line_names_what_the_user_wrote_and_where(options, env, first_line):
+    with pytest.raises(ValueError) as err:
+        CacheditConfig.resolve(options, env)
+    assert str(err.value).splitlines()[0].startswith(first_line), str(err.value)
+
+
+def test_config_object_errors_name_the_constructor_argument():
+    with pytest.raises(ValueError, match=r"^CacheditConfig argument Fn=0 is out of range"):
+        CacheditConfig(Fn=0)
+    with pytest.raises(ValueError, match=r"^CacheditConfig argument threshold='a' is not a number"):
+        CacheditConfig(threshold="a")
+
+
+def test_per_request_settings_errors_name_the_setting():
+    from cachedit.config import request_settings
+
+    with pytest.raises(ValueError, match=r"^per-request setting warmup_steps=-3 is out of range"):
+        request_settings({"warmup_steps": -3})
+    with pytest.raises(ValueError, match=r"^unknown per-request setting 'Threshold'. Did you mean 'threshold'\?"):
+        request_settings({"Threshold": 0.1})
+    assert request_settings({"threshold": "0.2", "cfg": "SEPARATE"}) == {"threshold": 0.2, "cfg": CfgMode.SEPARATE}

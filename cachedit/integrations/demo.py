@@ -4,7 +4,8 @@ For each setting (the uncached baseline first) a freshly loaded transformer is c
 warm-up generation absorbs the compile, and then every prompt is generated with the same seed.
 Seconds per image (the median over prompts, robust to a busy machine) exclude the compile; PSNR
 and SSIM compare each image with the baseline's image of the same prompt, in float on ``[0, 1]``
-images. The grid has one row per prompt and one column per setting.
+images (a setting's PSNR is that of its mean squared error over the prompts, so one image equal to
+the baseline's cannot make it infinite). The grid has one row per prompt and one column per setting.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ DEFAULT_PROMPTS = (
     "a small green circle at the top right on a white background",
     "a large purple square at the bottom left on a black background",
 )
-DEFAULT_OUT = "cachedit_demo.png"
+DEFAULT_OUT = "cachedit_demo.png"  # in the current directory; never overwritten unless named with --out
 WARMUP_PROMPT = "a small orange triangle in the center on a gray background"
 
 
@@ -66,14 +67,33 @@ class Row:
     computed: list[int] = dataclasses.field(default_factory=list)
     cached: list[int] = dataclasses.field(default_factory=list)
     images: list[np.ndarray] = dataclasses.field(default_factory=list)  # [H, W, 3] float in [0, 1]
+    mse: list[float] = dataclasses.field(default_factory=list)
     psnr: list[float] = dataclasses.field(default_factory=list)
     ssim: list[float] = dataclasses.field(default_factory=list)
 
+    @property
+    def mean_psnr(self) -> float:
+        """PSNR of the mean squared error over the prompts: ``inf`` only when every image is identical."""
+        return psnr_of_mse(float(np.mean(self.mse)))
+
+
+def mse(image: np.ndarray, reference: np.ndarray) -> float:
+    """Mean squared error of two float images in ``[0, 1]``, in float64."""
+    return float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
+
+
+def psnr_of_mse(error: float) -> float:
+    """Peak signal-to-noise ratio in dB (peak 1) of a mean squared error; ``inf`` for 0."""
+    return math.inf if error == 0 else 10 * math.log10(1.0 / error)
+
 
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of two float images in ``[0, 1]``; ``inf`` when equal."""
-    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    """Peak signal-to-noise ratio in dB of two float images in ``[0, 1]``; ``inf`` when equal.
+
+    Average a set through ``mse`` and ``psnr_of_mse``, not by averaging these values: one identical
+    image would make the mean ``inf``.
+    """
+    return psnr_of_mse(mse(image, reference))
 
 
 def ssim(image: np.ndarray, reference: np.ndarray, window: int = 7, sigma: float = 1.5) -> float:
@@ -149,11 +169,17 @@ def run_demo(
         for setting in settings:
             rows.append(_run_setting(setting, prompts, steps, seed, model, bar))
     bar.close()
+    score(rows)
+    return rows
+
+
+def score(rows: Sequence[Row]) -> None:
+    """Fill each row's MSE, PSNR and SSIM against the first row's images, prompt by prompt."""
     for row in rows:
         for image, reference in zip(row.images, rows[0].images):
-            row.psnr.append(psnr(image, reference))
+            row.mse.append(mse(image, reference))
+            row.psnr.append(psnr_of_mse(row.mse[-1]))
             row.ssim.append(ssim(image, reference))
-    return rows
 
 
 def _run_setting(setting: Setting, prompts: Sequence[str], steps: int, seed: int, model: str | None, bar) -> Row:
@@ -194,7 +220,7 @@ def format_table(rows: Sequence[Row]) -> str:
     lines = []
     for row in rows:
         sec = float(np.median(row.seconds))
-        mean_psnr = float(np.mean(row.psnr))
+        mean_psnr = row.mean_psnr
         lines.append(
             (
                 row.setting.name,
@@ -213,6 +239,17 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
 
 
+def column_label(rows: Sequence[Row], c: int) -> str:
+    """The grid's header for column ``c``: setting name, speedup, and PSNR (of the mean MSE)."""
+    import textwrap
+
+    row = rows[c]
+    speedup = float(np.median(rows[0].seconds)) / float(np.median(row.seconds))
+    mean_psnr = row.mean_psnr
+    quality = "reference" if c == 0 else "identical" if math.isinf(mean_psnr) else f"PSNR {mean_psnr:.1f} dB"
+    return "\n".join(textwrap.wrap(row.setting.name, 20)[:2] + [f"{speedup:.2f}x, {quality}"])
+
+
 def make_grid(rows: Sequence[Row], prompts: Sequence[str], cell: int = 128):
     """One PIL image: a header row of setting names (with speedup and PSNR), then one row per prompt."""
     import textwrap
@@ -225,13 +262,9 @@ def make_grid(rows: Sequence[Row], prompts: Sequence[str], cell: int = 128):
     height = header_h + len(prompts) * (cell + pad) + pad
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
-    base = float(np.median(rows[0].seconds))
     for c, row in enumerate(rows):
         x = label_w + pad + c * (cell + pad)
-        sec = float(np.median(row.seconds))
-        mean_psnr = float(np.mean(row.psnr))
-        quality = "reference" if c == 0 else f"PSNR {mean_psnr:.1f} dB"
-        text = "\n".join(textwrap.wrap(row.setting.name, 20)[:2] + [f"{base / sec:.2f}x, {quality}"])
+        text = column_label(rows, c)
         draw.multiline_text((x, 4), text, fill="black", font=font, spacing=2)
         for r, image in enumerate(row.images):
             y = header_h + pad + r * (cell + pad)
@@ -243,18 +276,96 @@ def make_grid(rows: Sequence[Row], prompts: Sequence[str], cell: int = 128):
     return grid
 
 
+DESCRIPTION = (
+    "Generate images with the embedded model uncached and with several cachedit settings; print seconds "
+    "per image, speedup, computed/cached steps, PSNR and SSIM against the uncached images, and write a "
+    "labelled PNG grid."
+)
+EPILOG = (
+    "The grid goes to ./cachedit_demo.png, or to the first free cachedit_demo-2.png, -3, ... when that "
+    "exists; --out PATH writes (and overwrites) PATH. On a machine busy with other work the demo uses fewer "
+    "threads and warns: seconds and speedups are only comparable on an idle machine."
+)
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="cachedit demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="one or more prompts")
-    parser.add_argument("--steps", type=int, default=28, help="num_inference_steps per image")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="where the PNG grid is written")
-    parser.add_argument("--model", default=None, help="a diffusers pipeline directory (default: the embedded model)")
+    parser = parser or argparse.ArgumentParser(prog="cachedit demo")
+    parser.description, parser.epilog = DESCRIPTION, EPILOG
+    parser.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), metavar="PROMPT",
+                        help=f"one or more prompts (default: {len(DEFAULT_PROMPTS)} built-in prompts of coloured shapes)")
+    parser.add_argument("--steps", type=int, default=28, help="num_inference_steps per image (default: %(default)s)")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help=f"where the PNG grid is written (default: ./{DEFAULT_OUT}, never overwritten: "
+                             "the next free numbered name is used)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a diffusers pipeline directory (default: the embedded model shipped with cachedit)")
     parser.add_argument("--inner", default="inductor", choices=("inductor", "eager"),
-                        help="the baseline's compiler and cachedit's inner compiler (inductor: about a minute "
-                             "of compiles on a 2-core CPU with cold caches; eager: seconds)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+                        help="the baseline's compiler and cachedit's inner compiler (default: %(default)s; "
+                             "inductor compiles each setting first, eager starts at once)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="generator seed, the same for every prompt and setting (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help=f"torch.set_num_threads (default: this machine's {_usable_cores()} cores minus "
+                             "those other processes keep busy when the demo starts, at least 1)")
     return parser
+
+
+def _usable_cores() -> int:
+    """Cores torch would use by default, within this process's CPU affinity."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), affinity))
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies over all CPUs from ``/proc/stat``; ``None`` where there is none (not Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])  # guest time is already counted in user time
+
+
+def busy_cpus(sample_seconds: float = 0.5) -> float:
+    """How many CPUs other processes keep busy now: ``/proc/stat`` sampled while this process sleeps,
+    else the 1-minute load average (which also remembers the last minute, e.g. a demo that just ended)."""
+    before = _cpu_ticks()
+    if before is not None:
+        time.sleep(sample_seconds)
+        after = _cpu_ticks()
+        if after is not None and after[1] > before[1]:
+            return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def choose_threads(requested: int | None) -> tuple[int, str | None]:
+    """The thread count for the demo and, when the machine is busy, a warning to print.
+
+    On 2 cores with another job running, the default 2 threads took 145 s for what 1 thread did in
+    14 s (issue 15): threads that wait on each other lose whole time slices to the other job.
+    """
+    cores = _usable_cores()
+    busy = busy_cpus()
+    if busy < 0.5:
+        return requested or cores, None
+    threads = requested or max(1, min(cores, round(cores - busy)))
+    how = "--threads N to override" if requested is None else "set by --threads"
+    return threads, (
+        f"warning: the machine is busy: other processes keep about {busy:.1f} of {os.cpu_count()} CPUs busy; "
+        f"using {threads} thread{'s' if threads > 1 else ''} ({how}). Seconds and speedups will be noisy: "
+        "compare them on an idle machine."
+    )
+
+
+def free_path(path: str) -> str:
+    """``path``, or ``stem-2.ext``, ``stem-3.ext``, ... : the first name that does not exist yet."""
+    stem, ext = os.path.splitext(path)
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{stem}-{n}{ext}"
+    return candidate
 
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> list[Row]:
@@ -262,14 +373,21 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> list[Row]:
         args = build_parser().parse_args(args)
     if args.steps < 1:
         raise SystemExit(f"--steps must be at least 1; got {args.steps}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1; got {args.threads}")
+    threads, warning = choose_threads(args.threads)
+    if warning:
+        print(warning, file=sys.stderr)
+    torch.set_num_threads(threads)
+    out = free_path(DEFAULT_OUT) if args.out is None else args.out
+    replacing = args.out is not None and os.path.exists(out)
     started = time.perf_counter()
     rows = run_demo(args.prompts, args.steps, default_settings(args.inner), model=args.model, seed=args.seed)
     print(format_table(rows))
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    make_grid(rows, args.prompts).save(args.out)
-    print(f"grid: {args.out} ({len(args.prompts)} prompts x {len(rows)} settings, {args.steps} steps, "
-          f"reference: {rows[0].setting.name}); total {time.perf_counter() - started:.0f} s")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    make_grid(rows, args.prompts).save(out)
+    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    print(f"grid: {os.path.abspath(out)}{' (replaced)' if replacing else ''} ({len(args.prompts)} prompts x "
+          f"{len(rows)} settings, {args.steps} steps, reference: {rows[0].setting.name})")
+    print(f"total {time.perf_counter() - started:.0f} s on {threads} thread{'s' if threads > 1 else ''}{load}")
     return rows
