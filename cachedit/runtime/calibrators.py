@@ -31,13 +31,17 @@ calibrator object holds ONE carried stream (image or text) of ONE branch of ONE 
 
 How DMD is evaluated here. ``Phi = X' M`` with ``M = V_r diag(1/(S_r+ridge)) W`` (n-1 x r), and X' is
 real, so ``forecast = X' c`` with ``c = Re(M (lambda^(h/g) * b))``: a real combination of the n-1
-newest snapshots. Everything else needs only the R factor of the trajectory ``[Y_0..Y_{n-1}] = Q R``
-(``X = Q R[:, :-1]``, ``X' = Q R[:, 1:]``, ``Y_{n-1} = Q R[:, -1]``, and ``lstsq(Q A, Q y) =
-lstsq(A, y)``). So once per window (the first forecast after an update) we take R in float64 by a
-blocked (TSQR) QR over the rows and do the SVD, eig and lstsq on n x n matrices on the host; a forecast
-computes c (n-1 numbers) and then n-1 fused multiply-adds over the snapshots. cache-dit materialises
-Phi (d x r complex128, 1 GiB for one [1, 4096, 3072] stream) and multiplies it on each cached step.
-lstsq uses cache-dit's CPU semantics (gelsy, rcond = eps64 * max(d, r)).
+newest snapshots. The fit itself needs the trajectory ``T = [Y_0..Y_{n-1}]`` only through its Gram
+matrix ``G = T^T T``: for any ``R`` with ``R^T R = G`` there is a Q with orthonormal columns and
+``T = Q R``, so ``X = Q R[:, :-1]``, ``X' = Q R[:, 1:]``, ``Y_{n-1} = Q R[:, -1]`` and
+``lstsq(Q A, Q y) = lstsq(A, y)``. So once per window (the first forecast after an update) we
+accumulate G in float64 over blocks of rows (one read of the snapshots), take ``R = sqrt(Lambda) V^T``
+from ``eigh(G)`` and do the SVD, eig and lstsq on n x n matrices on the host; a forecast computes c
+(n-1 numbers) and then n-1 fused multiply-adds over the snapshots. cache-dit materialises Phi (d x r
+complex128: ~1 GB for one [1, 4096, 3072] stream at r = 5) and multiplies it on each cached step. The
+Gram route squares the conditioning: singular values near the 1e-4 cut carry ~eps64 * 1e8 relative
+error instead of ~eps64 * 1e4 (2e-8: below fp32 rounding; modes above the cut fare better). lstsq
+uses cache-dit's CPU semantics (gelsy, rcond = eps64 * max(d, r)).
 
 Differences from cache-dit 1.5.3:
   - TaylorSeer lag. cache-dit creates a stream's state at its first update, after that step's
@@ -50,15 +54,30 @@ Differences from cache-dit 1.5.3:
   - Precision. States and forecasts are fp32 (or the value's dtype if wider) and forecasts return the
     value's dtype; cache-dit computes in the value's dtype (bf16 on GPUs). DMD fits in float64 like
     cache-dit; its forecast combination runs in fp32.
-  - FoCa's damped step is evaluated as ``F + (9/2h) D`` (equal algebraically, fewer roundings).
-  - DMD: ``svd_precision`` (randomised / gesvd) is not offered; the fit is the R-factor route above.
+  - FoCa is evaluated as ``F + a dF + a (F_k - F_km1)``, ``a = h/2`` or ``9/(2h)`` (cache-dit: the damped
+    step as the blend above): equal algebraically, rounding differs in the last bits.
+  - DMD: ``svd_precision`` (randomised / gesvd) is not offered; the fit is the Gram route above.
+  - DMD's Taylor fallback: cache-dit 1.5.3's ladder differences the new value against the ladder of two
+    updates back but divides by the last gap only (its ``_update_taylor`` reads ``dY_prev`` before
+    shifting it), so on an affine stream its fallback overshoots. Ours is TaylorSeer as above.
   - A stream's shape and dtype are fixed by its first update; a change is an error (cache-dit resets).
 
 Returned tensors may alias the calibrator's state: treat them as read-only.
 
-Cost per cached step (``python benchmarks/calibrators.py``, one [1, 4096, 3072] fp32 stream, 2-core
-x86 CPU, torch 2.13; the fastest of repeated calls; a pass over one tensor is ~50 MB):
-  COST_TABLE
+Cost per cached step, per stream (``python benchmarks/calibrators.py --threads 1``: one [1, 4096, 3072]
+fp32 stream, 48 MiB; shared 2-core x86 CPU at load ~4, torch 2.13, 1 thread; fastest of 15 calls,
++-30% run to run). A full-size op is one elementwise pass; on this CPU ~10-30 ms, most of it allocating
+and faulting in a fresh 48 MiB output; on a GPU each is one bandwidth-bound kernel.
+
+  calibrator        ms / forecast  full-size ops per forecast         first after an update  held MiB
+  none                  0          0 (returns the stored residual)         -                    48
+  taylorseer order 1   27          1: add                                 28                    96
+  taylorseer order 2   35          2: add add_                            32                   144
+  taylorseer order 3   34          3: add add_ add_                       59                   192
+  foca                 36          3: add add_ sub                        75                   192
+  dmd history 6       122          7: mul add_ x4 sum where              283 (fits the window) 336
+
+With 2 threads under the same load the DMD fit took 1.3 s (OpenMP workers waiting on each other).
 """
 
 from __future__ import annotations
@@ -80,7 +99,7 @@ DMD_MIN_SNAPSHOTS = 4  # a complex pole costs two real degrees of freedom: three
 DMD_RANK_CUTOFF = 1e-4  # singular values below this fraction of the largest are dropped as noise
 DMD_DEFAULT_HISTORY = 6
 DMD_DEFAULT_RIDGE = 1e-8
-_TSQR_ROWS = 1 << 18  # rows per float64 block of the R-factor reduction (~12 MB at 6 snapshots)
+_GRAM_ROWS = 1 << 18  # rows per float64 block of the Gram accumulation (~12 MB at 6 snapshots)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -251,8 +270,8 @@ class FoCaCalibrator(Calibrator):
             return self._head.to(self._dtype)
         h = step - self.last_update_step
         weight = h / 2 if h <= FOCA_MAX_HORIZON else FOCA_MAX_HORIZON**2 / (2 * h)
-        pred = torch.add(self._anchor, self._anchor_slope + self._head_slope, alpha=weight)
-        self._head_slope = pred - self._head
+        pred = torch.add(self._anchor, self._anchor_slope, alpha=weight).add_(self._head_slope, alpha=weight)
+        torch.sub(pred, self._head, out=self._head_slope)  # its buffer is never handed out: reuse it
         self._head, self._pushed_step = pred, step
         return pred.to(self._dtype)
 
@@ -326,7 +345,10 @@ class DMDCalibrator(Calibrator):
         if c is None:
             return newest
         out = _combine(tail[1:], c).to(self._dtype)
-        return torch.where(torch.isfinite(out).all(), out, newest)  # no host read
+        # all elements finite <=> their float64 sum is finite (it cannot overflow below fp64 values);
+        # one read pass instead of isfinite's four, and no host read
+        finite = torch.isfinite(out.sum(dtype=torch.float64))
+        return torch.where(finite, out, newest, out=out)
 
     def _tensors(self) -> Iterable[Tensor | None]:
         fit = [] if self._fit is None else [*self._fit.modes, *self._fit.evals, *self._fit.amplitudes]
@@ -338,19 +360,28 @@ def fit_dmd(tail: Sequence[Tensor], rank: int = 0, ridge: float = DMD_DEFAULT_RI
     items = tail[-1].shape[0] if tail[-1].dim() > 1 else 1
     flat = [s.reshape(items, -1) for s in tail]
     rows = flat[0].shape[1]
-    blocks = []  # TSQR: the R of stacked block R factors is the R of the whole [rows, n] trajectory
-    for lo in range(0, rows, _TSQR_ROWS):
-        block = torch.stack([f[:, lo : lo + _TSQR_ROWS] for f in flat], dim=-1).to(torch.float64)
-        blocks.append(torch.linalg.qr(block, mode="r").R)
-    r = blocks[0] if len(blocks) == 1 else torch.linalg.qr(torch.cat(blocks, dim=1), mode="r").R
-    fits = [_fit_item(item, rows, rank, ridge) for item in r.cpu()]  # one host transfer per window
+    # [items, n, n] float64: trajectory^T trajectory, accumulated over blocks of rows in one reused buffer
+    gram = torch.zeros(items, len(flat), len(flat), dtype=torch.float64, device=flat[0].device)
+    buffer = torch.empty(items, len(flat), min(rows, _GRAM_ROWS), dtype=torch.float64, device=flat[0].device)
+    for lo in range(0, rows, _GRAM_ROWS):
+        block = buffer[..., : min(_GRAM_ROWS, rows - lo)]
+        for j, f in enumerate(flat):
+            block[:, j].copy_(f[:, lo : lo + _GRAM_ROWS])
+        gram.baddbmm_(block, block.mT)
+    try:
+        evals, evecs = torch.linalg.eigh(gram.cpu())  # one host transfer per window
+    except RuntimeError:  # non-finite snapshots: a degenerate fit, the caller reuses the newest value
+        return None
+    # r with r^T r = gram: trajectory = Q r for some Q with orthonormal columns
+    r = evals.clamp(min=0).sqrt().unsqueeze(-1) * evecs.mT
+    fits = [_fit_item(item, rows, rank, ridge) for item in r]
     if any(f is None for f in fits):
         return None
     return DMDFit(*(list(parts) for parts in zip(*fits)))
 
 
 def _fit_item(r: Tensor, rows: int, rank: int, ridge: float) -> tuple[Tensor, Tensor, Tensor] | None:
-    # r: [m, n] with trajectory = Q r; X = Q r[:, :-1], X' = Q r[:, 1:], newest = Q r[:, -1]
+    # r: [n, n] with trajectory = Q r; X = Q r[:, :-1], X' = Q r[:, 1:], newest = Q r[:, -1]
     cplx = torch.complex128
     rx, rp, newest = r[:, :-1], r[:, 1:], r[:, -1:]
     try:
@@ -390,7 +421,7 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
 
 
 def make_calibrator(name: str, **params) -> Calibrator:
-    """A fresh calibrator for one stream: ``none``, ``taylorseer(order)``, ``foca``, ``dmd(history, order, rank, ridge)``."""
+    """A fresh calibrator for one stream: none, taylorseer(order), foca, dmd(history, order, rank, ridge)."""
     cls = CALIBRATORS.get(name)
     if cls is None:
         raise ValueError(f"unknown calibrator {name!r}: expected one of {sorted(CALIBRATORS)}")

@@ -283,6 +283,13 @@ def test_dmd_constant_zero_and_non_finite_streams():
         bad.update(step, torch.full((1, 4), float("nan")) if step == 2 else y[:, 0, :4] * (step + 1))
     assert torch.equal(bad.forecast(5), y[:, 0, :4] * 5), "a degenerate fit reuses the newest snapshot"
 
+    grow = DMDCalibrator()
+    v = torch.linspace(1, 2, 8, dtype=torch.float16)
+    for step in range(5):
+        grow.update(step, v * 2**step)
+    torch.testing.assert_close(grow.forecast(6), v * 64, rtol=1e-3, atol=0)  # lambda = 2; fp16 output rounding
+    assert torch.equal(grow.forecast(20), v * 16), "2^20 overflows fp16 after the cast: the newest snapshot"
+
 
 @given(st.integers(0, 2**31))
 @settings(max_examples=20, deadline=None)
@@ -455,5 +462,5 @@ def cache_dit_dmd_fallback_ref(events, values, lag):
             ladders, last = [ladders[1], new], step
         else:
             h, terms = step - last, ladders[1]
-            out[step] = (sum(d * h**i for i, (d, _) in enumerate(terms)), sum(m * h**i for i, (_, m) in enumerate(terms)))
+            out[step] = tuple(sum(t[j] * h**i for i, t in enumerate(terms)) for j in (0, 1))
     return out
