@@ -6,7 +6,7 @@
     cachedit.stats(transformer); print(cachedit.explain(transformer))
 """
 
-from cachedit.api import enable, explain, request, stats
+from cachedit.api import enable, explain, request, stats, steps_mask
 from cachedit.config import CacheditConfig
 
-__all__ = ["CacheditConfig", "enable", "explain", "request", "stats"]
+__all__ = ["CacheditConfig", "enable", "explain", "request", "stats", "steps_mask"]

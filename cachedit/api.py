@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from cachedit.config import request_settings
-from cachedit.runtime import registry
+from cachedit.config import CacheditConfig, request_settings
+from cachedit.runtime import masks, policy, registry
 from cachedit.runtime.step_cache import RequestStats, open_request
 
 
@@ -54,6 +54,8 @@ def request(model: Any, num_inference_steps: int | None = None, **settings: Any)
     ):
         raise ValueError(f"num_inference_steps={num_inference_steps!r}; expected a positive int or None")
     checked = request_settings(settings)
+    if num_inference_steps is None:  # a mask or a budget in these settings needs the step count: say so now
+        policy.plan(CacheditConfig().for_request(checked), None)
     with open_request(frozenset(id(t) for t in _tensors(model)), num_inference_steps, checked):
         yield
 
@@ -67,6 +69,18 @@ def stats(model: Any) -> list[RequestStats]:
     ids = {id(t) for t in tensors}
     records = {r.id: r for g in registry.lookup(tensors) if g.cache is not None for r in g.cache.records_for(ids)}
     return sorted(records.values(), key=lambda r: r.id)
+
+
+def steps_mask(
+    num_steps: int,
+    preset: str | None = "medium",
+    *,
+    compute_runs: Sequence[int] | None = None,
+    cache_runs: Sequence[int] | None = None,
+) -> list[int]:
+    """The steps-computation mask cachedit uses for ``scm=preset`` (or explicit run lengths): one int per
+    step, 1 = compute, 0 = cache (``scm_policy="static"``) or let the usual rules decide (``"dynamic"``)."""
+    return masks.steps_mask(num_steps, preset, compute_runs=compute_runs, cache_runs=cache_runs)
 
 
 def explain(model: Any) -> str:

@@ -43,6 +43,25 @@ class LogLevel(str, enum.Enum):
     ERROR = "error"
 
 
+class ScmPolicy(str, enum.Enum):
+    """What a 0 bit of a steps-computation mask means."""
+
+    DYNAMIC = "dynamic"  # the usual rules decide (limits, threshold)
+    STATIC = "static"  # cache, unconditionally
+
+
+class Calibrator(str, enum.Enum):
+    """What a cached step adds to the fresh head output, per carried stream."""
+
+    NONE = "none"  # the middle residual of the last computed step
+    TAYLORSEER = "taylorseer"  # a Taylor forecast from finite differences of computed steps
+    FOCA = "foca"
+    DMD = "dmd"
+
+
+SCM_PRESETS = ("slow", "medium", "fast", "ultra")
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheditConfig:
     """Step-cache (DBCache) settings plus how the parts are compiled.
@@ -68,11 +87,20 @@ class CacheditConfig:
     num_inference_steps: int = 0
     request_idle_seconds: float = 600.0
     max_residual_bytes: int = -1
+    scm: str = "none"
+    scm_policy: ScmPolicy = ScmPolicy.DYNAMIC
+    calibrator: Calibrator = Calibrator.NONE
+    taylorseer_order: int = 1
+    dmd_history: int = 6
+    max_accumulated_residual_diff_threshold: float = 0.0
+    budget: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = _check_field(f.name, getattr(self, f.name), f.name, "CacheditConfig argument")
             object.__setattr__(self, f.name, value)
+        if self.budget > 0 and self.scm != "none":
+            raise ValueError(f"budget={self.budget} and scm={self.scm!r} both choose the computed steps; set one of them")
 
     def replace(self, **changes: Any) -> "CacheditConfig":
         return dataclasses.replace(self, **changes)
@@ -153,11 +181,17 @@ def _coerce(name: str, value: Any, typ: Any, source: str, where: str = "") -> An
     ``source`` is the key as the user wrote it (``Fn``, ``CACHEDIT_FN``) and ``where`` what kind of key it
     is (``"cachedit option"``, ``"environment variable"``), so the first line of an error names both.
     """
-    typ = {"int": int, "float": float, "bool": bool}.get(typ, typ) if isinstance(typ, str) else typ
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
     if isinstance(typ, str):  # enum annotations arrive as strings under `from __future__ import annotations`
         typ = globals()[typ]
     said = f"{where} {source}={value!r}".lstrip()
     example = f"{source}={_example(name, env=source.startswith(ENV_PREFIX))}"
+    if typ is str:
+        if isinstance(value, (list, tuple)) and value and all(v in (0, 1) for v in value):
+            return "".join(str(int(v)) for v in value)  # an explicit mask given as a list
+        if not isinstance(value, str):
+            raise ValueError(f"{said} is not a string; expected e.g. {example}")
+        return value.strip().lower()
     if isinstance(typ, type) and issubclass(typ, enum.Enum):
         try:
             return typ(value.lower() if isinstance(value, str) else value)
@@ -208,6 +242,8 @@ _LOWER_BOUNDS = {
     "ring": (1, "the ring size; 1 disables Ring attention"),
     "num_inference_steps": (0, "the steps of a detected request; 0: unknown"),
     "max_residual_bytes": (-1, "use -1 for no cap"),
+    "taylorseer_order": (1, "TaylorSeer's order, 1 to 3"),
+    "dmd_history": (4, "the snapshots DMD fits on; cache-dit's default is 6"),
 }
 
 
@@ -221,6 +257,22 @@ def _check_field(name: str, value: Any, source: str, where: str) -> Any:
         raise ValueError(
             f"{where} {source}={written!r} is NaN; expected a number such as {source}=0.08 (<= 0 never caches)".lstrip()
         )
+    if name == "taylorseer_order" and value > 3:
+        raise ValueError(f"{where} {source}={written!r} is out of range; expected 1, 2 or 3".lstrip())
+    if name == "scm" and not (value in ("none", *SCM_PRESETS) or (value and set(value) <= {"0", "1"})):
+        close = difflib.get_close_matches(value, ("none", *SCM_PRESETS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"{where} {source}={written!r} is not accepted; expected 'none', a preset ({', '.join(SCM_PRESETS)}) "
+            f"or one 0/1 per step such as '1111011001' (1 = compute).{hint}".lstrip()
+        )
+    if name == "budget" and not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(
+            f"{where} {source}={written!r} is out of range; expected the fraction of steps to compute in (0, 1], "
+            f"e.g. {source}=0.4, or 0 for no budget".lstrip()
+        )
+    if name == "max_accumulated_residual_diff_threshold" and value != value:
+        raise ValueError(f"{where} {source}={written!r} is NaN; expected a number (<= 0: off)".lstrip())
     if name == "request_idle_seconds" and not value > 0:  # also rejects NaN
         raise ValueError(
             f"{where} {source}={written!r} is out of range; expected seconds > 0 after which an idle detected "
@@ -271,6 +323,13 @@ REQUEST_SETTINGS = (
     "max_cached_steps",
     "max_continuous_cached_steps",
     "cfg",
+    "scm",
+    "scm_policy",
+    "calibrator",
+    "taylorseer_order",
+    "dmd_history",
+    "max_accumulated_residual_diff_threshold",
+    "budget",
 )
 
 

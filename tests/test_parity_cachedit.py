@@ -73,10 +73,10 @@ class Run:
     reasons: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)  # cachedit only
 
 
-def run_reference(cache_dit, options: dict[str, Any], steps: int, true_cfg: bool) -> Run:
+def run_reference(cache_dit, options: dict[str, Any], steps: int, true_cfg: bool, **reference_only: Any) -> Run:
     pipe = tiny_flux_pipeline(type("FluxPipeline", (FluxPipeline,), {}))
     config = cache_dit.DBCacheConfig(
-        enable_separate_cfg=true_cfg, **{_REFERENCE_NAMES[k]: v for k, v in options.items()}
+        enable_separate_cfg=true_cfg, **{_REFERENCE_NAMES[k]: v for k, v in options.items()}, **reference_only
     )
     cache_dit.enable_cache(pipe, cache_config=config)
     latents = generate(pipe, steps, true_cfg=true_cfg)
@@ -183,6 +183,41 @@ def test_cached_steps_and_latents_match_cache_dit(cache_dit, case):
             assert window & set(cached), f"{case.id}/{branch}: no step inside the warmup window was cached"
         for rule in case.fired:
             assert any(rule.value in r for r in ours.reasons[branch].values()), f"{case.id}/{branch}: {rule} never fired"
+    torch.testing.assert_close(ours.latents, reference.latents, rtol=0, atol=LATENT_ATOL)
+
+
+# --- steps-computation masks -------------------------------------------------------------------------------------
+
+SCM_OPTIONS = dict(Fn=1, Bn=0, threshold=0.35, warmup_steps=4)
+# Picked, like the cases above, from the diffs cache-dit records: at 0.35 a diff of these two lands
+# within MARGIN of τ (0.3502); at 0.33 none does and both outcomes still occur on 0 bits.
+SCM_THRESHOLDS = {("fast", 50): 0.33, ("ultra", 50): 0.33}
+
+
+@pytest.mark.parametrize("steps", [28, 50])
+@pytest.mark.parametrize("policy", ["dynamic", "static"])
+@pytest.mark.parametrize("preset", ["slow", "medium", "fast", "ultra"])
+def test_steps_masks_match_cache_dit(cache_dit, preset, policy, steps):
+    """The same preset mask, policy and DBCache settings: the same cached steps, diffs and latents."""
+    mask = cache_dit.steps_mask(total_steps=steps, mask_policy=preset)
+    assert cachedit.steps_mask(steps, preset) == mask
+    options = {**SCM_OPTIONS, "threshold": SCM_THRESHOLDS.get((preset, steps), SCM_OPTIONS["threshold"])}
+    reference = run_reference(
+        cache_dit, options, steps, False, steps_computation_mask=mask, steps_computation_policy=policy
+    )
+    ours = run_cachedit({**options, "scm": preset, "scm_policy": policy}, steps, False, "batched")
+    cached = reference.cached["main"]
+    zeros = {s for s, bit in enumerate(mask) if bit == 0}
+    if policy == "static":
+        assert cached == sorted(zeros)
+    else:  # 0 bits fall through to the threshold: both outcomes occur there
+        assert zeros - set(cached) and set(cached), f"trivial schedule {cached}; pick another τ"
+        near = {s: d for s, d in reference.diffs["main"].items() if abs(d - options["threshold"]) < MARGIN}
+        assert not near, f"diffs {near} within {MARGIN} of τ; pick another τ"
+    assert ours.cached["main"] == cached, f"cachedit cached {ours.cached['main']}, cache-dit {cached}"
+    assert ours.diffs["main"].keys() == reference.diffs["main"].keys()
+    for step, diff in reference.diffs["main"].items():
+        assert ours.diffs["main"][step] == pytest.approx(diff, rel=DIFF_RTOL), f"step {step}"
     torch.testing.assert_close(ours.latents, reference.latents, rtol=0, atol=LATENT_ATOL)
 
 

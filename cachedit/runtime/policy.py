@@ -1,15 +1,30 @@
-"""The DBCache decision: compute the middle blocks or reuse their cached residual (pure, no tensors).
+"""The step-cache decision: compute the middle blocks or reuse their cached residual (pure, no tensors).
 
 The order of checks is cache-dit 1.5.3's (``reference/cache-semantics.md``); the first rule that
-applies decides, and the decision carries the rule as its reason.
+applies decides, and the decision carries the rule as its reason. A request's ``Plan`` holds what
+depends on its step count: the warmup steps, the steps-computation mask, the budget.
+
+Note [Budget mode]
+~~~~~~~~~~~~~~~~~~
+``budget = b`` computes exactly ``K = ceil(b * T)`` of a request's ``T`` steps per branch, so latency is
+known when the request starts. Mandatory computes: step 0 (there is nothing to reuse before it), the
+warmup steps and the last step; ``K`` must cover them. Every other step is decided by a controller:
+  - if the computes left are at least the free steps left, compute (the budget must be spent);
+  - if no compute is left beyond the mandatory ones, cache;
+  - otherwise compute iff the head residual moved at least ``rate * gap`` since the last computed step,
+    where ``gap = free steps left / computes left`` is the spacing that spends the budget evenly and
+    ``rate`` the mean change per step seen so far in this branch (diff / steps since its computed step).
+So features that move fast get computes early, slow stretches are skipped, and the count is exact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
-from cachedit.config import CacheditConfig
+from cachedit.config import SCM_PRESETS, CacheditConfig, ScmPolicy
+from cachedit.runtime import masks
 
 
 class Action(enum.Enum):
@@ -19,8 +34,16 @@ class Action(enum.Enum):
 
 class Reason(enum.Enum):
     WARMUP = "warmup step"
+    SCM_COMPUTE = "steps mask: compute"
+    SCM_STATIC = "steps mask: cache (static)"
+    BUDGET_MANDATORY = "budget: first or last step"
+    BUDGET_SPEND = "budget: the computes left must be spent"
+    BUDGET_SPENT = "budget: spent"
+    BUDGET_MOVED = "budget: moved at least its share"
+    BUDGET_STILL = "budget: moved less than its share"
     MAX_CACHED = "max_cached_steps reached"
     MAX_CONTINUOUS = "max_continuous_cached_steps reached"
+    MAX_ACCUMULATED = "max_accumulated_residual_diff_threshold reached"
     DISABLED = "threshold <= 0"
     NO_PREVIOUS = "no previous computed step to compare with"
     ALWAYS = "threshold >= 1"
@@ -45,6 +68,60 @@ class Decision:
         return f"{self.action.value}: {self.reason.value}{diff}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a request's step count fixes: warmup steps, the steps-computation mask, the budget."""
+
+    config: CacheditConfig
+    num_steps: int | None
+    warmup: frozenset[int]
+    mask: tuple[int, ...] | None = None  # 1 = compute; steps past its end follow the usual rules
+    budget: int | None = None  # computed steps per branch (budget mode)
+
+
+def plan(config: CacheditConfig, num_steps: int | None) -> Plan:
+    """The plan of a request of ``num_steps`` steps (None: unknown) under ``config``.
+
+    Raises ValueError when a setting needs the step count and it is unknown, or cannot be honoured.
+    """
+    warmup = config.warmup_step_set
+    mask = None
+    if config.scm != "none":
+        if config.scm in SCM_PRESETS:
+            if num_steps is None:
+                raise ValueError(
+                    f"scm={config.scm!r} needs the request's step count: use cachedit.enable(pipe), "
+                    "cachedit.request(model, num_inference_steps=N), or num_inference_steps=N "
+                    "(CACHEDIT_NUM_INFERENCE_STEPS) for detected requests"
+                )
+            mask = tuple(masks.steps_mask(num_steps, config.scm))
+        else:
+            mask = tuple(int(bit) for bit in config.scm)
+        leading = next((i for i, bit in enumerate(mask) if bit == 0), len(mask))
+        warmup = frozenset(range(0, min(config.warmup_steps, leading), config.warmup_interval))
+    budget = None
+    if config.budget > 0:
+        if num_steps is None:
+            raise ValueError(
+                f"budget={config.budget} needs the request's step count: use cachedit.enable(pipe), "
+                "cachedit.request(model, num_inference_steps=N), or num_inference_steps=N "
+                "(CACHEDIT_NUM_INFERENCE_STEPS) for detected requests"
+            )
+        budget = math.ceil(config.budget * num_steps - 1e-9)
+        mandatory = _mandatory(warmup, num_steps)
+        if budget < len(mandatory):
+            raise ValueError(
+                f"budget={config.budget} of {num_steps} steps is {budget} computed steps, fewer than the "
+                f"{len(mandatory)} that must compute (step 0, the warmup steps, the last step); raise the "
+                "budget or lower warmup_steps"
+            )
+    return Plan(config, num_steps, warmup, mask, budget)
+
+
+def _mandatory(warmup: frozenset[int], num_steps: int) -> frozenset[int]:
+    return frozenset(s for s in (warmup | {0, num_steps - 1}) if s < num_steps)
+
+
 @dataclasses.dataclass
 class BranchHistory:
     """What the policy needs to remember for one branch of one request."""
@@ -53,33 +130,51 @@ class BranchHistory:
     computed_steps: list[int] = dataclasses.field(default_factory=list)
     streak: int = 0  # cached steps in a row, ending at the last step
     has_previous: bool = False  # a head residual from a computed step is stored
+    accumulated_diff: float = 0.0  # sum of the positive diffs recorded (cache-dit's accumulated diff)
+    rate_sum: float = 0.0  # budget mode: sum of diff / steps since the computed step, over measured steps
+    rate_count: int = 0
 
 
-def needs_diff(config: CacheditConfig, history: BranchHistory, step: int) -> bool:
+def needs_diff(plan: Plan, history: BranchHistory, step: int) -> bool:
     """Whether ``decide`` at ``step`` will read the diff, i.e. every earlier rule passes."""
-    return _rule(config, history, step) is None and 0.0 < config.threshold < 1.0
+    if plan.budget is not None:
+        return _budget_rule(plan, history, step) is None
+    config = plan.config
+    return _rule(plan, history, step) is None and 0.0 < config.threshold < 1.0
 
 
-def decide(config: CacheditConfig, history: BranchHistory, step: int, diff: float | None) -> Decision:
+def decide(plan: Plan, history: BranchHistory, step: int, diff: float | None) -> Decision:
     """Decide for ``step``; ``diff`` is the relative L1 of the head residual (needed iff ``needs_diff``)."""
-    early = _rule(config, history, step)
+    if plan.budget is not None:
+        return _decide_budget(plan, history, step, diff)
+    early = _rule(plan, history, step)
     if early is not None:
-        return Decision(Action.COMPUTE, early, step)
-    if config.threshold >= 1.0:
+        action = Action.CACHE if early is Reason.SCM_STATIC else Action.COMPUTE
+        return Decision(action, early, step)
+    if plan.config.threshold >= 1.0:
         return Decision(Action.CACHE, Reason.ALWAYS, step)
     assert diff is not None, "decide() needs the diff whenever needs_diff() is true"
-    if diff < config.threshold:  # strict, as in cache-dit
+    if diff < plan.config.threshold:  # strict, as in cache-dit
         return Decision(Action.CACHE, Reason.SIMILAR, step, diff)
     return Decision(Action.COMPUTE, Reason.CHANGED, step, diff)
 
 
-def _rule(config: CacheditConfig, history: BranchHistory, step: int) -> Reason | None:
-    if step in config.warmup_step_set:
+def _rule(plan: Plan, history: BranchHistory, step: int) -> Reason | None:
+    config = plan.config
+    if step in plan.warmup:
         return Reason.WARMUP
+    if plan.mask is not None and step < len(plan.mask):
+        if plan.mask[step] == 1:
+            return Reason.SCM_COMPUTE
+        if config.scm_policy is ScmPolicy.STATIC:
+            return Reason.SCM_STATIC if history.has_previous else Reason.NO_PREVIOUS
     if 0 <= config.max_cached_steps <= len(history.cached_steps):
         return Reason.MAX_CACHED
     if 0 <= config.max_continuous_cached_steps <= history.streak:
         return Reason.MAX_CONTINUOUS
+    limit = config.max_accumulated_residual_diff_threshold
+    if limit > 0.0 and history.accumulated_diff >= limit:
+        return Reason.MAX_ACCUMULATED
     if config.threshold <= 0.0:
         return Reason.DISABLED
     if not history.has_previous:
@@ -87,8 +182,45 @@ def _rule(config: CacheditConfig, history: BranchHistory, step: int) -> Reason |
     return None
 
 
+def _budget_rule(plan: Plan, history: BranchHistory, step: int) -> tuple[Action, Reason] | None:
+    """The forced decisions of budget mode (Note [Budget mode]); None when the diff decides."""
+    mandatory = _mandatory(plan.warmup, plan.num_steps)
+    if step in mandatory or step >= plan.num_steps or not history.has_previous:
+        return Action.COMPUTE, Reason.BUDGET_MANDATORY
+    mandatory_left = sum(1 for s in mandatory if s >= step)
+    computes_left = plan.budget - len(history.computed_steps) - mandatory_left
+    free_left = plan.num_steps - step - mandatory_left  # this step included
+    if computes_left <= 0:
+        return Action.CACHE, Reason.BUDGET_SPENT
+    if computes_left >= free_left:
+        return Action.COMPUTE, Reason.BUDGET_SPEND
+    return None
+
+
+def _decide_budget(plan: Plan, history: BranchHistory, step: int, diff: float | None) -> Decision:
+    forced = _budget_rule(plan, history, step)
+    if forced is not None:
+        return Decision(forced[0], forced[1], step)
+    assert diff is not None, "decide() needs the diff whenever needs_diff() is true"
+    mandatory_left = sum(1 for s in _mandatory(plan.warmup, plan.num_steps) if s >= step)
+    computes_left = plan.budget - len(history.computed_steps) - mandatory_left
+    free_left = plan.num_steps - step - mandatory_left
+    since = step - history.computed_steps[-1]
+    rate = history.rate_sum / history.rate_count if history.rate_count else diff / since
+    if diff >= rate * free_left / computes_left:
+        return Decision(Action.COMPUTE, Reason.BUDGET_MOVED, step, diff)
+    return Decision(Action.CACHE, Reason.BUDGET_STILL, step, diff)
+
+
 def record(history: BranchHistory, decision: Decision) -> None:
     """Advance ``history`` past ``decision``."""
+    diff = decision.diff
+    if diff is not None and math.isfinite(diff):
+        if diff > 0.0:
+            history.accumulated_diff += diff
+        if history.computed_steps:
+            history.rate_sum += diff / max(decision.step - history.computed_steps[-1], 1)
+            history.rate_count += 1
     if decision.cache:
         history.cached_steps.append(decision.step)
         history.streak += 1

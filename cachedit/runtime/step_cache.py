@@ -58,8 +58,8 @@ from typing import Any
 import torch
 
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
-from cachedit.config import CacheditConfig, CfgMode
-from cachedit.runtime import policy, registry
+from cachedit.config import Calibrator, CacheditConfig, CfgMode
+from cachedit.runtime import calibrators, policy, registry
 
 log = logging.getLogger("cachedit")
 
@@ -120,14 +120,15 @@ class _Branch:
     prev_residual: torch.Tensor | None = None  # head residual of the last computed step
     residuals: tuple[torch.Tensor, ...] | None = None  # middle residual per carried tensor
     layouts: tuple = ()  # (size, stride) of each middle output, which the compiled tail expects
+    calibrators: list | None = None  # per carried tensor, when a calibrator forecasts the residuals
 
     def nbytes(self) -> int:
         tensors = ([self.prev_residual] if self.prev_residual is not None else []) + list(self.residuals or ())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(c.nbytes() for c in self.calibrators or ())
 
     def drop(self) -> None:
         """Forget the buffers: the next step computes (``NO_PREVIOUS``)."""
-        self.prev_residual, self.residuals, self.layouts = None, None, ()
+        self.prev_residual, self.residuals, self.layouts, self.calibrators = None, None, (), None
         self.history.has_previous = False
 
 
@@ -135,6 +136,7 @@ class _Branch:
 class _Request:
     stats: RequestStats
     config: CacheditConfig  # the compile defaults with this request's settings
+    plan: policy.Plan  # what its step count fixes: warmup, steps mask, budget
     branches: list[_Branch] = dataclasses.field(default_factory=list)
     step: int = -1
     calls_at_step: int = 0
@@ -193,6 +195,16 @@ def open_request(
             state.close(token)
 
 
+def _calibrator(config: CacheditConfig):
+    """A fresh calibrator for one carried stream of one branch (Note [Calibrators])."""
+    name = config.calibrator.value
+    params = {
+        "taylorseer": {"order": config.taylorseer_order},
+        "dmd": {"history": config.dmd_history, "order": config.taylorseer_order},  # order: its fallback's
+    }.get(name, {})
+    return calibrators.make_calibrator(name, **params)
+
+
 def _execution_context() -> object:
     """What a detected request is keyed by: the running asyncio task, else the current thread."""
     try:
@@ -216,8 +228,9 @@ class ModelState:
         self._capped = False  # the byte cap was logged
 
     def new_request(self, source: str, config: CacheditConfig, num_steps: int | None, settings) -> _Request:
+        schedule = policy.plan(config, num_steps)  # raises when a setting needs an unknown step count
         stats = RequestStats(next(_request_ids), source, num_steps, dict(settings))
-        request = _Request(stats, config)
+        request = _Request(stats, config, schedule)
         stats.live = weakref.ref(request)
         with self.lock:
             self.records.append(stats)
@@ -405,9 +418,9 @@ class StepCache:
             if id(branch) in sums:
                 num, den = sums[id(branch)]
                 diff = num / den if den > 0 else float("inf")  # 0/0 is NaN in cache-dit: never similar
-            elif policy.needs_diff(req.config, branch.history, req.step):
+            elif policy.needs_diff(req.plan, branch.history, req.step):
                 diff = float("inf")  # the residual's shape changed since the last computed step
-            decision = policy.decide(req.config, branch.history, req.step, diff)
+            decision = policy.decide(req.plan, branch.history, req.step, diff)
         policy.record(branch.history, decision)
         stats = branch.stats
         (stats.cached_steps if decision.cache else stats.computed_steps).append(req.step)
@@ -418,7 +431,12 @@ class StepCache:
             branch.prev_residual = residual
         # What a cached step adds, taken now: another thread may drop this request's buffers (the byte
         # cap, the idle sweep) before the reuse node runs.
-        cached = (branch.residuals, branch.layouts) if decision.cache else None
+        cached = None
+        if decision.cache:
+            residuals = branch.residuals
+            if branch.calibrators is not None and residuals is not None:
+                residuals = tuple(c.forecast(req.step) for c in branch.calibrators)
+            cached = (residuals, branch.layouts)
         return decision, branch, req, state, cached
 
     def _read(
@@ -447,7 +465,7 @@ class StepCache:
         diffs_for = []
         for branch, step in candidates:
             prev = branch.prev_residual
-            if prev is not None and prev.shape == residual.shape and policy.needs_diff(config, branch.history, step):
+            if prev is not None and prev.shape == residual.shape and policy.needs_diff(req.plan, branch.history, step):
                 reads.append(torch.ops.cachedit.residual_diff(prev, residual))
                 diffs_for.append(branch)
         if diffs_for and self.reduce_sums is not None:  # context parallel: decide on the sums over all ranks
@@ -526,6 +544,12 @@ class StepCache:
             outs = tuple(computed[: len(residual_of)])
             branch.residuals = tuple(computed[len(residual_of) :])
             branch.layouts = tuple((o.shape, o.stride()) for o in outs)
+            config = req.config
+            if config.calibrator is not Calibrator.NONE:
+                if branch.calibrators is None:
+                    branch.calibrators = [_calibrator(config) for _ in branch.residuals]
+                for calibrator, value in zip(branch.calibrators, branch.residuals):
+                    calibrator.update(req.step, value)
         n = req.stats.num_inference_steps
         if n is not None and req.step + 1 >= n:
             branch.drop()  # this branch's last step: nothing will reuse its buffers

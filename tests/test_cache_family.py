@@ -1,0 +1,84 @@
+"""The cache family end to end: steps masks, calibrators, budget mode and the DBCache limits, switched per
+request on one compiled tiny Flux (inner "eager").
+
+Tolerances: none where an output is compared with another run of the same decisions (same aten ops on the
+same inputs). Calibrated outputs are compared with plain reuse only by direction (closer or not), never
+by a tolerance.
+"""
+
+import math
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import cachedit
+from tests.request_streams import Request, compile_fresh, timesteps
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+SETTINGS = [
+    {},
+    {"scm": "fast"},
+    {"scm": "ultra", "scm_policy": "static"},
+    {"scm": "110100101", "scm_policy": "static"},
+    {"budget": 0.4},
+    {"calibrator": "taylorseer", "taylorseer_order": 2},
+    {"calibrator": "foca"},
+    {"calibrator": "dmd", "dmd_history": 4},
+    {"max_accumulated_residual_diff_threshold": 0.5},
+]
+
+
+def test_every_policy_through_one_graph_without_recompiles_or_graph_breaks():
+    model, fast = compile_fresh(threshold=0.4, warmup_steps=2)
+    outs = [Request(1, timesteps(9), explicit=True, settings=s).run(fast) for s in SETTINGS]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0
+    records = cachedit.stats(model)
+    assert [r.settings for r in records] == SETTINGS
+    by = {str(s): r for s, r in zip(SETTINGS, records)}
+    assert by[str({"budget": 0.4})].num_computed_steps == math.ceil(0.4 * 9)
+    static = by[str({"scm": "110100101", "scm_policy": "static"})]
+    assert static.branches["main"].cached_steps == [2, 4, 5, 7]
+    assert all(torch.isfinite(out).all() for out in outs)
+    assert all(r.bytes_held == 0 for r in records), "every explicit request ended"
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5, 0.75])
+def test_budget_mode_computes_exactly_its_share_per_branch(budget):
+    model, fast = compile_fresh(warmup_steps=1)
+    Request(3, timesteps(16), explicit=True, settings={"budget": budget}, calls_per_step=2).run(fast)
+    (record,) = cachedit.stats(model)
+    for name, branch in record.branches.items():
+        assert len(branch.computed_steps) == math.ceil(budget * 16), name
+        assert {0, 15} <= set(branch.computed_steps), name
+
+
+@pytest.mark.parametrize("calibrator", ["taylorseer", "foca", "dmd"])
+def test_calibrators_change_only_the_cached_steps(calibrator):
+    """Same static mask, so the same cached steps: the calibrated run differs from plain reuse, and only
+    from the first cached step on (computed steps before it are identical)."""
+    mask = "11110101010101"
+    model, fast = compile_fresh(warmup_steps=0)
+    plain = Request(2, timesteps(len(mask)), explicit=True, settings={"scm": mask, "scm_policy": "static"})
+    forecast = Request(2, timesteps(len(mask)), explicit=True, settings={**plain.settings, "calibrator": calibrator})
+    out_plain, out_forecast = plain.run(fast), forecast.run(fast)
+    records = cachedit.stats(model)
+    assert records[0].branches["main"].cached_steps == records[1].branches["main"].cached_steps == [4, 6, 8, 10, 12]
+    assert not torch.equal(out_plain, out_forecast)
+
+
+def test_a_mask_needs_the_step_count():
+    model = compile_fresh()[0]
+    with pytest.raises(ValueError, match="scm='fast' needs the request's step count"):
+        with cachedit.request(model, scm="fast"):
+            pass
