@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 
 import cachedit
 from cachedit.api import _graphs
-from tests.request_streams import SPEC, Request, cached_steps, compile_fresh, exhaust, flux_inputs, timesteps
+from tests.request_streams import OPTIONS, SPEC, Request, cached_steps, compile_fresh, exhaust, flux_inputs, timesteps
 
 
 
@@ -311,3 +311,14 @@ def test_a_byte_cap_drops_the_oldest_detected_requests(caplog):
     assert [r.steps for r in records] == [8, 8] and [r.num_cached_steps for r in records] == [0, 0]
     assert any("no previous computed step" in reason for reason in records[1].branches["main"].reasons.values())
     assert sum("max_residual_bytes=1" in r.message for r in caplog.records) == 1
+
+
+def test_two_compiles_of_one_model_start_requests_with_their_own_defaults():
+    """Two torch.compile calls on one model with different options share the model's requests (same
+    split); a request started through one follows that compile's settings, whatever ran before it."""
+    model = SPEC.build()
+    never = torch.compile(model, backend="cachedit", options={**OPTIONS, "threshold": 0.0})
+    often = torch.compile(model, backend="cachedit", options={**OPTIONS, "threshold": 0.9, "warmup_steps": 1})
+    for fast in (never, often, never, often):
+        Request(1, timesteps(8)).run(fast)
+    assert [r.num_cached_steps > 0 for r in cachedit.stats(model)] == [False, True, False, True]

@@ -98,7 +98,8 @@ def find_request_inputs(
     """The user inputs that tell requests and CFG calls apart (Note [Requests and branches]).
 
     latent: the largest floating-point input ``stream`` is computed from (the noisy latent);
-    conditioning: the largest other floating-point input of two or more dims (the text embedding).
+    conditioning: the largest other floating-point input of three or more dims (the text embedding),
+    else of two.
     Parameters and buffers are not user inputs.
     """
     user = [
@@ -118,7 +119,10 @@ def find_request_inputs(
             frontier += node.all_input_nodes
     by_size = sorted(user, key=lambda n: -_numel_hint(n.meta["example_value"]))
     latent = next((n for n in by_size if n in ancestors), None)
-    conditioning = next((n for n in by_size if n is not latent and n.meta["example_value"].dim() >= 2), None)
+    # Batched embeddings ([B, L, D]) first: a 2-d input can be a position table the pipeline also makes
+    # once per generation, but the text embedding is what differs between two requests.
+    others = sorted((n for n in by_size if n is not latent), key=lambda n: n.meta["example_value"].dim() < 3)
+    conditioning = next((n for n in others if n.meta["example_value"].dim() >= 2), None)
     return latent, conditioning
 
 

@@ -401,7 +401,7 @@ class StepCache:
         elif self._starts_new(req, t, residual, latent, conditioning, same_step):
             source = "timestep" if t is not None else "call"
             steps = self.config.num_inference_steps or None
-            req = state.new_request(source, config, steps, {})
+            req = state.new_request(source, self.config, steps, {})  # this graph's defaults, not the last request's
             state.set_detected(context, req)
         req.last_used = now
         if req.shape is not None and req.shape != tuple(residual.shape):
