@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 
 import cachedit
 from cachedit.api import _graphs
@@ -63,8 +64,6 @@ def test_unknown_inductor_option_fails_with_a_suggestion():
 
 def test_inductor_options_reach_every_part():
     """``size_asserts=False`` removes the input checks Inductor writes at the top of each part's code."""
-    from torch._inductor.utils import run_and_get_code
-
     spec = get("sd3")
     kwargs = spec.inputs(500.0)
     model = spec.build()
@@ -72,9 +71,7 @@ def test_inductor_options_reach_every_part():
     _, codes = run_and_get_code(lambda: fast(**kwargs))
     assert len(codes) == 3 and not any("assert_size_stride(" in c for c in codes), len(codes)
     assert "inductor options: {'size_asserts': False}" in cachedit.explain(model)
-    torch._dynamo.reset()
-    _, codes = run_and_get_code(lambda: torch.compile(spec.build(), backend="cachedit", options=LOOSE)(**kwargs))
-    assert len(codes) == 3 and all("assert_size_stride(" in c for c in codes)  # the control
+    # the control, with Inductor's default size_asserts=True: test_reduce_overhead_from_torch_compile_mode
 
 
 def test_reduce_overhead_from_torch_compile_mode(monkeypatch):
@@ -86,7 +83,9 @@ def test_reduce_overhead_from_torch_compile_mode(monkeypatch):
     reference, _ = denoise(torch.compile(spec.build(), backend="cachedit", options={**LOOSE, "inner": "eager"}), spec, 12)
     torch._dynamo.reset()
     fast = torch.compile(model, backend="cachedit", mode="reduce-overhead")
-    denoise(fast, spec, 2)  # compile; ends on a timestep the next run does not start with
+    # compile; the 2 steps end on a timestep the next run does not start with
+    _, codes = run_and_get_code(lambda: denoise(fast, spec, 2))
+    assert len(codes) == 3 and all("assert_size_stride(" in c for c in codes)  # Inductor's defaults otherwise
     assert counters["inductor"]["cudagraph_skips"] == 3, "Inductor was asked for CUDA graphs in head, middle, tail"
     assert "mode: reduce-overhead" in cachedit.explain(model)
     top = _top(model)
