@@ -27,6 +27,10 @@ setup(
             "triton",
             # Reference implementation for decision-parity tests only; never imported by cachedit.
             "cache-dit==1.5.3",
+            # LoRA (diffusers' PEFT backend) and torchao int8 weight-only tests; checked with peft 0.21.2 and
+            # torchao 0.18.0 on torch 2.13 (torchao releases follow torch releases).
+            "peft>=0.17,<0.22",
+            "torchao>=0.16,<0.19",
         ],
     },
     entry_points={

@@ -23,8 +23,10 @@ cached); ``CACHEDIT_LOG=debug`` logs every decision; ``cachedit.explain(model)``
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import sys
 import time
 import types
 import weakref
@@ -35,8 +37,10 @@ import torch
 import torch._dynamo.exc
 import torch.fx
 from torch._dynamo.backends.registry import lookup_backend
+from torch._dynamo.utils import to_fake_tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
-from cachedit.config import CacheditConfig
+from cachedit.config import CacheditConfig, CompileMode, Inner
 from cachedit.fxpasses.block_chain import NoChain, find_block_chain
 from cachedit.fxpasses.step_cache_gate import insert_step_cache_gate
 from cachedit.runtime import registry
@@ -46,40 +50,97 @@ log = logging.getLogger("cachedit")
 
 
 class CompiledPart(torch.nn.Module):
-    """One part of the split graph after the inner compiler; keeps the graph for printing."""
+    """One part of the split graph after the inner compiler; keeps the graph for printing.
 
-    def __init__(self, graph_module: torch.fx.GraphModule, compiled: Callable):
+    ``stored``: indices of the outputs the runtime keeps past this step (residuals); they are copied
+    out of the compiled part's memory when that memory is reused by the next call (CUDA graphs, Note
+    [Stored outputs under CUDA graphs]).
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, compiled: Callable, stored: tuple[int, ...] = ()):
         super().__init__()
         self.graph_module = graph_module
         self.compiled = compiled
+        self.stored = stored
 
     def forward(self, *args):
-        return self.compiled(*args)
+        outs = self.compiled(*args)
+        if not self.stored:
+            return outs
+        outs = list(outs)
+        for i in self.stored:
+            outs[i] = outs[i].clone()  # out of the CUDA graph pool, which the next replay overwrites
+        return tuple(outs)
 
 
-def _example_inputs(part: torch.fx.GraphModule) -> list[Any]:
-    return [n.meta["example_value"] for n in part.graph.nodes if n.op == "placeholder"]
+# Note [Stored outputs under CUDA graphs]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# With mode="reduce-overhead" (or "max-autotune", or Inductor's triton.cudagraphs) every part replays a
+# CUDA graph, and its outputs live in the graph's memory pool: the next replay of the same part writes
+# over them. Values used within one step (streams, invariants, the tail's inputs) are safe, since one
+# call runs head -> middle -> tail once. What the runtime keeps for a later step is not: the head's
+# residual (compared at the next step) and the middle's residuals (added on cached steps). Those
+# outputs, and only those, are cloned as they leave the part; ``CompiledPart.stored`` lists them. The
+# gate and the reuse node are plain Python between the parts, so CUDA graphs see no graph break of ours
+# beyond the part boundaries. Without CUDA graphs nothing is copied.
+
+
+def _example_inputs(part: torch.fx.GraphModule, graph_inputs: dict[str, Any]) -> list[Any]:
+    """A part's example inputs: the model's own inputs as Dynamo handed them (``graph_inputs``), and the
+    ``example_value`` of every value another part computes (same node names as in the whole graph)."""
+    placeholders = part.graph.find_nodes(op="placeholder")
+    return [graph_inputs.get(n.name, n.meta["example_value"]) for n in placeholders]
+
+
+def _graph_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, Any]:
+    """The graph's tensor inputs, faked in the fake mode Dynamo opened for the backend, by placeholder name.
+
+    Dynamo hands a backend real example inputs and a fresh fake mode that shares its ShapeEnv. Faking
+    them there with Dynamo's symbolic context (as its own backends do) keeps what ``.item()`` of a float
+    attribute returns under ``dynamic=True``; Inductor would re-fake the nodes' ``example_value`` fakes
+    (Dynamo's own mode) without that context, and fail on the ``.item()``. Values computed inside the
+    graph keep their ``example_value``: re-faking them keeps their symbolic sizes (same ShapeEnv).
+    """
+    context = torch._guards.TracingContext.try_get()
+    mode = context.fake_mode if context is not None else None
+    found = {}
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        if mode is not None and isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            found[node.name] = to_fake_tensor(value, mode)
+    return found
 
 
 def cachedit_backend(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, **_: Any
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+    **unexpected: Any,
 ) -> Callable:
-    """torch.compile backend: ``torch.compile(model, backend="cachedit", options={...})``."""
+    """torch.compile backend: ``torch.compile(model, backend="cachedit", options={...})``.
+
+    ``torch.compile(..., mode=...)`` arrives as ``mode`` (torch.compile takes ``mode`` or ``options``,
+    never both; ``options={"mode": ...}`` is the same setting for users who also pass options).
+    """
+    if mode is not None:
+        options = {**(options or {}), "mode": mode}
     try:
         config = CacheditConfig.resolve(options)
     except (ValueError, TypeError) as err:  # Note [Option errors at the first call]
         raise CacheditOptionError(str(err), inspect.currentframe()) from None
     log.setLevel(config.log.value.upper())
-    inner = lookup_backend(config.inner.value)
-    record = registry.CompiledGraph(config=config)
+    if unexpected:
+        log.warning(f"cachedit: ignoring backend arguments torch.compile passed that cachedit does not know: {sorted(unexpected)}")
+    inner, cudagraphs = _inner_compiler(config)
+    record = registry.CompiledGraph(config=config, dynamic=_dynamic_sizes(gm))
     # Filed under the model being compiled now; the gate files it under any other model instance that
     # later runs through the same graph (Dynamo shares graphs between instances of one class).
     registry.register([x for x in example_inputs if isinstance(x, torch.nn.Parameter)], record)
     start = time.perf_counter()
 
-    def uncached(reason: str) -> Callable:
+    def uncached(reason: str, level: int = logging.WARNING) -> Callable:
         record.declined = reason
-        log.log(logging.INFO if config.disable else logging.WARNING, f"cachedit: running uncached: {reason}")
+        log.log(logging.INFO if config.disable else level, f"cachedit: running uncached: {reason}")
         compiled = inner(gm, example_inputs)
         record.compile_seconds = time.perf_counter() - start
         return _Keep(compiled, record)
@@ -108,15 +169,26 @@ def cachedit_backend(
             make_reuse=lambda layout: Reuse(cache, layout.residual_of),
         )
     except NoChain as reason:
+        block = _regional_block()
+        if block is not None:
+            _advise_whole_model()
+            reason = f"one {block} block (regional compilation): caching needs the whole transformer in one graph"
+            return uncached(reason, logging.DEBUG)  # the advice above is said once, not per block
         return uncached(str(reason))
     except Exception as err:  # a pass failed on a graph we did not foresee: never break the user's compile
         log.debug("cachedit: pass failed", exc_info=True)
         return uncached(f"the step-cache split failed ({type(err).__name__}: {err})")
     record.layout, record.cache = layout, cache
+    graph_inputs = _graph_inputs(gm, example_inputs)
+    # What the runtime keeps past a step (Note [Stored outputs under CUDA graphs]).
+    n_out = {name: len(getattr(top, name).graph.find_nodes(op="output")[0].args[0]) for name in ("head", "middle")}
+    k = len(layout.residual_of)
+    stored = {"head": (n_out["head"] - 1,), "middle": tuple(range(k, n_out["middle"]))} if cudagraphs else {}
     for name in ("head", "middle", "tail"):
         part = getattr(top, name, None)
         if part is not None:
-            setattr(top, name, CompiledPart(part, inner(part, _example_inputs(part))))
+            compiled = inner(part, _example_inputs(part, graph_inputs))
+            setattr(top, name, CompiledPart(part, compiled, stored.get(name, ())))
     top.cachedit_record = record  # the top module owns the record (the registry holds it weakly)
     record.module = weakref.ref(top)
     record.compile_seconds = time.perf_counter() - start
@@ -147,6 +219,87 @@ class CacheditOptionError(*_PASS_THROUGH, ValueError, TypeError):
             super().__init__(message, first_useful_frame=frame)
         else:
             super().__init__(message)
+
+
+def _regional_block() -> str | None:
+    """The class name when Dynamo is compiling one repeated block of a diffusers model by itself.
+
+    That is what ``ModelMixin.compile_repeated_blocks`` does: it compiles each class named in the model's
+    ``_repeated_blocks`` on its own, so the code Dynamo traces first is that class's ``forward``.
+    diffusers is only looked at when the user has already imported it.
+    """
+    context = torch._guards.TracingContext.try_get()
+    diffusers = sys.modules.get("diffusers")
+    if context is None or not context.traced_code or diffusers is None:
+        return None
+    code = context.traced_code[0]
+    if code.co_name != "forward":
+        return None
+    models, names = [diffusers.ModelMixin], set()
+    while models:
+        cls = models.pop()
+        names.update(getattr(cls, "_repeated_blocks", None) or ())
+        models.extend(cls.__subclasses__())
+    for module in [m for k, m in list(sys.modules.items()) if k.startswith("diffusers.models")]:
+        for name in names:
+            forward = getattr(getattr(module, name, None), "forward", None)
+            if getattr(forward, "__code__", None) is code:
+                return name
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _advise_whole_model() -> None:
+    """Said once per process, however many blocks are compiled alone."""
+    log.warning(
+        "cachedit: a transformer block was compiled on its own (regional compilation, e.g. "
+        "transformer.compile_repeated_blocks(backend='cachedit')). Step caching decides around the whole chain "
+        "of blocks, which one block's graph does not hold, so the blocks run compiled but uncached. To cache, "
+        "compile the whole transformer: torch.compile(transformer, backend='cachedit') or cachedit.enable(pipe); "
+        "Inductor's on-disk cache makes later compiles of it fast."
+    )
+
+
+def _dynamic_sizes(gm: torch.fx.GraphModule) -> str | None:
+    """The graph inputs with symbolic sizes, e.g. ``hidden_states[1]=s0, encoder_hidden_states[1]=s1``."""
+    found, in_tensors, scalars = [], set(), []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        name = node.name.removeprefix("l_").removeprefix("kwargs_").removesuffix("_")
+        if isinstance(value, torch.Tensor):
+            for d, size in enumerate(value.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr.free_symbols:
+                    found.append(f"{name}[{d}]={size}")
+                    in_tensors |= size.node.expr.free_symbols
+        elif isinstance(value, torch.SymInt) and value.node.expr.free_symbols:
+            scalars.append((name, value))
+    for name, v in scalars:  # integer inputs (sizes Dynamo lifted as inputs of their own)
+        if not v.node.expr.free_symbols <= in_tensors:
+            found.append(f"{name}={v}" if name != str(v) else f"integer input {v}")
+    return ", ".join(found) or None
+
+
+def _inner_compiler(config: CacheditConfig) -> tuple[Callable, bool]:
+    """The compiler for each part, with the user's mode and Inductor options; and whether it uses CUDA graphs.
+
+    The mode's Inductor settings are those torch.compile itself applies (``list_mode_options``), with
+    ``options={"inductor": {...}}`` on top, passed as ``config_patches`` to this compile only (never as
+    Inductor globals).
+    """
+    inner = lookup_backend(config.inner.value)
+    if config.inner is not Inner.INDUCTOR:
+        if config.mode is not CompileMode.DEFAULT or config.inductor:
+            log.warning(
+                f"cachedit: mode={config.mode.value!r} and Inductor options {config.inductor.as_dict()} do not apply "
+                f"to inner={config.inner.value!r}; the parts run uncompiled by Inductor (unset CACHEDIT_INNER to use them)"
+            )
+        return inner, False
+    from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
+
+    patches = {**list_mode_options(config.mode.value), **config.inductor.as_dict()}
+    cudagraphs = bool(patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+    return (functools.partial(inner, config_patches=patches) if patches else inner), cudagraphs
 
 
 class _Keep:

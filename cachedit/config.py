@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +35,31 @@ class Inner(str, enum.Enum):
     INDUCTOR = "inductor"
     EAGER = "eager"
     AOT_EAGER = "aot_eager"
+
+
+class CompileMode(str, enum.Enum):
+    """torch.compile's ``mode``, applied to every part when the inner compiler is Inductor."""
+
+    DEFAULT = "default"
+    REDUCE_OVERHEAD = "reduce-overhead"  # CUDA graphs (Note [Stored outputs under CUDA graphs] in backend.py)
+    MAX_AUTOTUNE = "max-autotune"
+    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+
+
+@dataclasses.dataclass(frozen=True)
+class InductorOptions:
+    """Inductor config patches for the parts, e.g. ``{"max_autotune": True}`` (hashable, so the config stays frozen).
+
+    Keys are checked against ``torch._inductor.config`` when the config is built.
+    """
+
+    items: tuple[tuple[str, Any], ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
 
 
 class LogLevel(str, enum.Enum):
@@ -82,6 +108,8 @@ class CacheditConfig:
     ring: int = 1
     fp8_comm: bool = False
     inner: Inner = Inner.INDUCTOR
+    mode: CompileMode = CompileMode.DEFAULT  # also torch.compile(..., mode=...) when options= is not given
+    inductor: InductorOptions = InductorOptions()  # options={"inductor": {...}}; CACHEDIT_INDUCTOR as JSON
     disable: bool = False
     log: LogLevel = LogLevel.WARNING
     num_inference_steps: int = 0
@@ -198,6 +226,8 @@ def _coerce(name: str, value: Any, typ: Any, source: str, where: str = "") -> An
         except ValueError:
             accepted = ", ".join(repr(m.value) for m in typ)
             raise ValueError(f"{said} is not accepted; expected one of {accepted}") from None
+    if typ is InductorOptions:
+        return _inductor_options(value, source)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -219,6 +249,38 @@ def _coerce(name: str, value: Any, typ: Any, source: str, where: str = "") -> An
         except ValueError:
             raise ValueError(f"{said} is not a number; expected a number, e.g. {example}") from None
     raise AssertionError(f"field {name} has unsupported type {typ!r}")
+
+
+def _inductor_options(value: Any, source: str) -> InductorOptions:
+    """A mapping (or its JSON text, from the environment) of Inductor config names to values."""
+    if isinstance(value, InductorOptions):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as err:
+            raise ValueError(
+                f"{source}={value!r} is not JSON ({err}); expected an object such as "
+                f'{source}=\'{{"max_autotune": true}}\''
+            ) from None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(
+            f"{source}={value!r} is not a mapping of Inductor option names to values; expected e.g. "
+            '{"max_autotune": True, "epilogue_fusion": False} (see torch._inductor.list_options())'
+        )
+    if value:
+        from torch._inductor import config as inductor_config  # only when options are given: a heavy import
+
+        known = inductor_config.get_config_copy()
+        for key in value:
+            if key.replace("-", "_") not in known:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"{source} has {key!r}, which is not an Inductor option; accepted names are those of "
+                    f"torch._inductor.list_options().{hint}"
+                )
+    return InductorOptions(tuple(sorted((k.replace("-", "_"), v) for k, v in value.items())))
 
 
 def _check_range(

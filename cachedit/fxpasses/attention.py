@@ -42,10 +42,10 @@ from cachedit.fxpasses.shard_plan import (
     ShardPlan,
     TokenDim,
     is_sdpa,
-    local_length,
     op_name,
     sdpa_args,
 )
+from cachedit.sharding import local_length
 
 
 def _local(t: TokenDim, mesh) -> int:

@@ -50,6 +50,14 @@ def module_path(node: torch.fx.Node) -> tuple[str, ...]:
     return _parse_path(path)
 
 
+def is_static_input(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a graph input Dynamo marked static: a parameter or buffer of the model.
+
+    The one place that reads Dynamo's marking (an internal detail, like ``nn_module_stack``).
+    """
+    return node.op == "placeholder" and "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {})
+
+
 def _parse_path(path: str) -> tuple[str, ...]:
     tokens = [a or b for a, b in _PATH_TOKEN.findall(path)]
     return tuple(t for t in tokens if t not in _SKIP_TOKENS)

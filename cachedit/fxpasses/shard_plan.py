@@ -39,7 +39,7 @@ import dataclasses
 import torch
 import torch.fx
 
-from cachedit.fxpasses.block_chain import BlockChain
+from cachedit.fxpasses.block_chain import BlockChain, is_static_input
 from cachedit.fxpasses.token_rules import (
     DATA_FIRST_ONLY,
     FIRST_ARG,
@@ -50,10 +50,10 @@ from cachedit.fxpasses.token_rules import (
     _shape,
     _view_ndim,
     is_sdpa,
-    local_length,
     op_name,
     sdpa_args,
 )
+from cachedit.sharding import local_length
 
 MAX_REFINEMENTS = 16  # restarts of the propagation after a seed layout was refined
 
@@ -158,7 +158,7 @@ def _find_seeds(nodes, pos, lo, sdpas) -> dict[torch.fx.Node, int]:
             continue
         seen[node] = dim
         if pos[node] < lo:
-            if node.op == "placeholder" and "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {}):
+            if is_static_input(node):
                 raise ShardDeclined(f"the token dim leads back to the parameter {node.name}")
             seeds[node] = dim
             continue
@@ -189,7 +189,7 @@ def _candidates(node, forward, dim):
     if op_name(node) in FIRST_ARG or op_name(node) in DATA_FIRST_ONLY:
         operands = operands[:1]
     for a in operands:
-        if "_dynamo_static_input_type" in (a.meta.get("tensor_dict") or {}):
+        if is_static_input(a):
             continue  # a parameter
         shape = _shape(a)
         for d in range(len(shape)):
@@ -321,7 +321,6 @@ __all__ = [
     "ShardPlan",
     "TokenDim",
     "is_sdpa",
-    "local_length",
     "op_name",
     "plan_sequence_sharding",
     "sdpa_args",

@@ -19,6 +19,18 @@ Algorithm:
      The head also returns its residual ``primary after block Fn-1 - primary entering block 0``,
      which the gate compares against the last computed step.
 
+Note [Sizes across parts]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+Under dynamic shapes (``dynamic=True``, or Dynamo's automatic dynamic recompile after a second input
+size) the graph carries sizes as SymInts: graph inputs ``s0, s1, ...`` and nodes computing with them
+(``sym_sum``, ``floordiv``, ``.item()`` of a float attribute). Two rules keep every part compilable:
+  - a part receives every symbol that the sizes of its values mention, from the graph input or node
+    that defines it (as ``split_module`` does), so Inductor can bind each size of each piece;
+  - non-tensor values crossing into the middle are invariants, never carried state (they have no
+    residual). Non-tensor values leaving the middle decline the split, since a cached step could not
+    provide them; no zoo model has one (sizes are all computed in the prologue).
+A change of input size is a new request (the runtime's rule), so a residual never meets another shape.
+
 Before / after (printed):
     x = embed(inp); x = block0(x); x = block1(x); x = block2(x); out = proj(x)
   ->
@@ -39,7 +51,7 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
-from cachedit.fxpasses.block_chain import BlockChain, NoChain, shape_key
+from cachedit.fxpasses.block_chain import BlockChain, NoChain, is_static_input, shape_key
 
 _TIMESTEP_NAME = re.compile(r"^l_(?:kwargs_)?(timesteps?|t|sigmas?)_$")
 
@@ -86,8 +98,7 @@ def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
             return node
     for node in placeholders:
         value = node.meta.get("example_value")
-        is_param = "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {})
-        if isinstance(value, torch.Tensor) and not is_param and value.is_floating_point() and value.dim() <= 1:
+        if isinstance(value, torch.Tensor) and not is_static_input(node) and value.is_floating_point() and value.dim() <= 1:
             return node
     return None
 
@@ -109,7 +120,7 @@ def find_request_inputs(
         and n is not timestep
         and isinstance(n.meta.get("example_value"), torch.Tensor)
         and n.meta["example_value"].is_floating_point()
-        and not _is_static_input(n)
+        and not _is_module_input(n)
     ]
     ancestors, frontier = set(), [stream]
     while frontier:
@@ -126,13 +137,11 @@ def find_request_inputs(
     return latent, conditioning
 
 
-def _is_static_input(node: torch.fx.Node) -> bool:
-    """A parameter or buffer (Dynamo marks them static), or an input read from the module itself."""
-    if "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {}):
-        return True
+def _is_module_input(node: torch.fx.Node) -> bool:
+    """A parameter or buffer (Dynamo marks them static), or another input read from the module itself."""
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
-    return source is not None and "self" in source.name
+    return is_static_input(node) or (source is not None and "self" in source.name)
 
 
 def _numel_hint(value: torch.Tensor) -> int:
@@ -189,16 +198,24 @@ def insert_step_cache_gate(
         else:
             part[node] = "tail"
 
+    needs = _part_inputs(nodes, part)
+
     def uses(src: str, dst: str) -> list[torch.fx.Node]:
-        return [n for n in nodes if part[n] == src and any(part[u] == dst for u in n.users)]
+        return [n for n in needs[dst] if part[n] == src]
 
     middle_in = uses("head", "middle")
-    carried = [n for n in middle_in if n in in_chain_block]
-    invariants = [n for n in middle_in if n not in in_chain_block]
+    carried = [n for n in middle_in if n in in_chain_block and isinstance(n.meta.get("example_value"), torch.Tensor)]
+    invariants = [n for n in middle_in if n not in carried]  # and the sizes (SymInts) the middle reads
     middle_out = uses("middle", "tail") + uses("middle", "output")
     middle_out = list(dict.fromkeys(middle_out))
     if not carried or not middle_out:
         raise NoChain(f"the middle blocks exchange no stream with the head and tail ({chain.describe()})")
+    not_tensors = [n.name for n in middle_out if not isinstance(n.meta.get("example_value"), torch.Tensor)]
+    if not_tensors:  # a skipped middle could not provide them (not seen in any zoo model)
+        raise NoChain(
+            f"the blocks after the middle read non-tensor values computed inside it ({', '.join(not_tensors)}), "
+            "which a cached step could not provide; compile with static shapes (dynamic=False)"
+        )
 
     residual_of = tuple(_match(out, carried, "a middle output", "the streams entering the middle") for out in middle_out)
     # The primary stream: what the last block hands to the epilogue.
@@ -247,6 +264,7 @@ def insert_step_cache_gate(
         gm,
         nodes,
         part,
+        needs,
         "head",
         placeholders,
         head_out,
@@ -257,6 +275,7 @@ def insert_step_cache_gate(
         gm,
         nodes,
         part,
+        needs,
         "middle",
         middle_inputs + placeholders,
         middle_out,
@@ -265,9 +284,9 @@ def insert_step_cache_gate(
         ],
         first_inputs=len(middle_inputs),
     )
-    tail_values = middle_out + [n for n in head_out if any(part[u] == "tail" for u in n.users)]
+    tail_values = middle_out + [n for n in head_out if n in needs["tail"]]
     tail_out_nodes = [n for n in nodes if part[n] == "tail" and any(part[u] == "output" for u in n.users)]
-    tail = _extract(gm, nodes, part, "tail", tail_values + placeholders, tail_out_nodes, first_inputs=len(tail_values))
+    tail = _extract(gm, nodes, part, needs, "tail", tail_values + placeholders, tail_out_nodes, first_inputs=len(tail_values))
 
     top = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -298,7 +317,7 @@ def insert_step_cache_gate(
 
 def _first_parameter(placeholders: list[torch.fx.Node]) -> torch.fx.Node:
     for node in placeholders:
-        if "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {}):
+        if is_static_input(node):
             return node
     raise NoChain("the graph has no parameter input to tell model instances apart")
 
@@ -328,14 +347,50 @@ def _match(value: torch.fx.Node, candidates: list[torch.fx.Node], what: str, amo
     return same[0]
 
 
-def _extract(gm, nodes, part, name, inputs, outputs, extra=None, first_inputs=None):
+def _part_inputs(nodes: list[torch.fx.Node], part: dict[torch.fx.Node, str]) -> dict[str, list[torch.fx.Node]]:
+    """Per part, the values of other parts (and graph inputs) it reads, in graph order.
+
+    Under dynamic shapes a part also needs every symbol its values' sizes mention (Note [Sizes across
+    parts]): the graph input or node that defines the symbol is added as an input, as ``split_module``
+    does, so that Inductor can bind each size of each piece.
+    """
+    defines: dict[object, torch.fx.Node] = {}
+    for node in nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) and value.node.expr.is_Symbol:
+            defines.setdefault(value.node.expr, node)
+    needs: dict[str, dict[torch.fx.Node, None]] = {"head": {}, "middle": {}, "tail": {}, "output": {}}
+    for node in nodes:
+        name = part[node]
+        if name not in needs:
+            continue
+        wanted = [a for a in node.all_input_nodes if part[a] != name]
+        for value in [node, *wanted] if name != "output" else []:
+            for symbol in _free_symbols(value.meta.get("example_value")):
+                definer = defines.get(symbol)
+                if definer is not None and part[definer] != name:
+                    wanted.append(definer)
+        needs[name].update(dict.fromkeys(wanted))
+    order = {n: i for i, n in enumerate(nodes)}
+    return {name: sorted(found, key=order.__getitem__) for name, found in needs.items()}
+
+
+def _free_symbols(value) -> set:
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    if isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, tuple, list)):
+        return set(free_symbols(value))
+    return set()
+
+
+def _extract(gm, nodes, part, needs, name, inputs, outputs, extra=None, first_inputs=None):
     """Copy the nodes of one part into a new GraphModule taking ``inputs`` and returning ``outputs``.
 
     Of ``inputs``, the first ``first_inputs`` are always kept (the cross-part values, in a fixed order);
     graph placeholders after them are kept only when the part uses them.
     """
     members = [n for n in nodes if part[n] == name]
-    used = {a for n in members for a in n.all_input_nodes}
+    used = set(needs[name])
     keep = first_inputs if first_inputs is not None else 0
     chosen = [n for i, n in enumerate(inputs) if i < keep or n in used]
     g = torch.fx.Graph()

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.fx
 
+from cachedit.sharding import local_length  # shared with the runtime, which must shard the same way
+
 
 class ShardDeclined(Exception):
     """No safe sharding plan (or rewrite) exists; the message is the reason the backend logs."""
@@ -33,11 +35,6 @@ class TokenDim:
 
     def local(self, world: int, rank: int) -> tuple[int, ...]:
         return tuple(local_length(n, world, rank) for n in self.layout)
-
-
-def local_length(n: int, world: int, rank: int) -> int:
-    """Tokens of an ``n``-token segment held by ``rank`` (``torch.tensor_split`` sizes)."""
-    return n // world + (1 if rank < n % world else 0)
 
 
 # --- op tables ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Importing this package registers the ops. It imports nothing else of cachedit, a
 [Lazy Triton] in ``_triton.py``).
 """
 
+from cachedit.kernels.attention_lse import LseKernel, attention_with_lse, attention_with_lse_ref, lse_kernel
 from cachedit.kernels.fp8 import (
     FP8_E4M3_MAX,
     FP8_SCALE_BYTES,
@@ -17,6 +18,10 @@ from cachedit.kernels.merge_attention import merge_attention, merge_attention_re
 from cachedit.kernels.residual_diff import residual_diff, residual_diff_ref
 
 __all__ = [
+    "LseKernel",
+    "attention_with_lse",
+    "attention_with_lse_ref",
+    "lse_kernel",
     "FP8_E4M3_MAX",
     "FP8_SCALE_BYTES",
     "fp8_dequantize",

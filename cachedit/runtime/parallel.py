@@ -18,7 +18,9 @@ taken in rank-major order. K/V that are not sharded (cross-attention) just keep 
 
 Ring (``cachedit::ring_attention``): K and V travel together around the ring group with
 point-to-point sends, overlapped with the attention on the block at hand; the partial results merge by
-log-sum-exp in fp32 (``cachedit::merge_attention``). It is an opaque custom op because compiled code
+log-sum-exp in fp32 (``cachedit::merge_attention``). Each block runs a fused SDPA kernel that returns the
+LSE (CPU flash; CUDA flash, efficient or cuDNN), never the block's score matrix, except on the documented
+math fallback (Note [LSE attention kernels] in ``kernels/attention_lse.py``). It is an opaque custom op because compiled code
 cannot issue point-to-point sends. USP runs Ulysses within the group and the ring across groups.
 
 FP8 (``fp8_comm``): Q, V and O payloads travel as float8_e4m3fn with one power-of-two scale byte per
@@ -40,24 +42,9 @@ import torch.nn.functional as F
 
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
 from cachedit.config import CacheditConfig
-from cachedit.fxpasses.token_rules import local_length  # the plan's split, which the runtime must follow
-
-
-def _offset(n: int, world: int, rank: int) -> int:
-    return sum(local_length(n, world, r) for r in range(rank))
-
-
-def rank_spans(layout: tuple[int, ...], world: int, rank: int) -> list[tuple[int, int]]:
-    """(global start, length) of each piece of the token dim held by ``rank``, in local order."""
-    spans, base = [], 0
-    for n in layout:
-        spans.append((base + _offset(n, world, rank), local_length(n, world, rank)))
-        base += n
-    return spans
-
-
-def local_tokens(layout: tuple[int, ...], world: int, rank: int) -> int:
-    return sum(local_length(n, world, rank) for n in layout)
+from cachedit.kernels.attention_lse import attention_with_lse
+from cachedit.sharding import local_length, local_tokens, rank_spans
+from cachedit.sharding import offset as _offset
 
 
 def _take(x: torch.Tensor, dim: int, spans: list[tuple[int, int]]) -> torch.Tensor:
@@ -149,22 +136,6 @@ def heads_to_seq(y: torch.Tensor, seq: list[int], heads_total: int, me: int, gro
 # --- Ring attention ---------------------------------------------------------------------------------------
 
 
-def attention_with_lse(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, H, S, Dv], lse [B, H, S] fp32)``; the CPU flash kernel where it exists, math otherwise."""
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale
-        )
-        return out, lse.float()
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if mask is not None:
-        s = s + mask.float()
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype), lse
-
-
 def _merge(out_a, lse_a, out_b, lse_b):
     return torch.ops.cachedit.merge_attention(out_a, lse_a, out_b, lse_b)
 
@@ -196,10 +167,13 @@ def _pack_kv(k: torch.Tensor, v: torch.Tensor, fp8: bool) -> torch.Tensor:
 
 
 def _unpack_kv(block: torch.Tensor, dk: int, dtype: torch.dtype, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # narrow, not indexing: Python indexing needs a device guard, which fake CUDA tensors on a CPU-only
+    # build (the allocation test in tests/kernels/test_attention_lse.py) cannot have
+    width = block.shape[-1]
     if not fp8:
-        return block[..., :dk], block[..., dk:]
+        return block.narrow(-1, 0, dk), block.narrow(-1, dk, width - dk)
     nk = dk * torch.empty((), dtype=dtype).element_size()
-    return block[..., :nk].contiguous().view(dtype), _fp8_unpack(block[..., nk:].contiguous(), dtype)
+    return block.narrow(-1, 0, nk).contiguous().view(dtype), _fp8_unpack(block.narrow(-1, nk, width - nk).contiguous(), dtype)
 
 
 def ring_attention_impl(q, k, v, mask, scale, group: str, kv_lengths: list[int], fp8: bool = False) -> torch.Tensor:
@@ -225,7 +199,7 @@ def ring_attention_impl(q, k, v, mask, scale, group: str, kv_lengths: list[int],
             kb, vb = (k, v) if step == 0 else _unpack_kv(block, dk, k.dtype, fp8)
             mb = mask
             if mask is not None and mask.shape[-1] > 1:
-                mb = mask[..., starts[src] : starts[src] + kv_lengths[src]]
+                mb = mask.narrow(-1, starts[src], kv_lengths[src])
             o, l = attention_with_lse(q, kb, vb, mb, scale)
             out, lse = (o, l) if out is None else _merge(out, lse, o, l)
         for req in pending:

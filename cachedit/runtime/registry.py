@@ -38,10 +38,20 @@ class CompiledGraph:
     module: Any = None  # weak reference to the stitched top-level module, when step-cached
     parallel: str | None = None  # the context-parallel plan applied, or why it was declined
     compile_seconds: float = 0.0
+    dynamic: str | None = None  # the graph inputs whose sizes are symbolic, and their symbols
     order: int = dataclasses.field(default_factory=lambda: next(_order))
 
     def describe(self) -> str:
-        lines = [f"graph #{self.order} (inner: {self.config.inner.value}, compiled in {self.compile_seconds:.1f} s)"]
+        compiler = f"inner: {self.config.inner.value}"
+        mode = getattr(self.config, "mode", None)
+        if mode is not None and self.config.inner.value == "inductor":
+            compiler += f", mode: {mode.value}"
+            if self.config.inductor:
+                compiler += f", inductor options: {self.config.inductor.as_dict()}"
+        elif mode is not None and (mode.value != "default" or self.config.inductor):
+            compiler += f", mode: {mode.value} (not applied: the inner compiler is not Inductor)"
+        lines = [f"graph #{self.order} ({compiler}, compiled in {self.compile_seconds:.1f} s)"]
+        lines.append(f"  dynamic sizes: {self.dynamic}" if self.dynamic else "  sizes: static")
         for path, count, verdict in self.lists:
             lines.append(f"  block list {path} [{count}]: {verdict}")
         if self.chain:

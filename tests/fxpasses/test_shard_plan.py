@@ -8,8 +8,9 @@ import torch
 from cachedit.fxpasses import attention as attention_pass
 from cachedit.fxpasses.attention import rewrite_attention
 from cachedit.fxpasses.block_chain import find_block_chain
-from cachedit.fxpasses.shard_plan import ShardDeclined, TokenDim, local_length, plan_sequence_sharding
+from cachedit.fxpasses.shard_plan import ShardDeclined, TokenDim, plan_sequence_sharding
 from cachedit.runtime.parallel import Mesh, gather_tokens, rank_spans, shard_tokens
+from cachedit.sharding import local_length
 from tests import models
 
 _GRAPHS: dict[str, torch.fx.GraphModule] = {}
