@@ -58,7 +58,7 @@ def test_dynamic_caching_decides_and_computes_as_static(name):
     expected, _ = denoise(torch.compile(static_model, backend="cachedit", options=LOOSE), spec, num_steps=12)
     result, _ = denoise(dynamic(dynamic_model, **LOOSE), spec, num_steps=12)
     static_stats, dynamic_stats = cachedit.stats(static_model)[-1], cachedit.stats(dynamic_model)[-1]
-    assert static_stats.cached_steps > 0, cachedit.explain(static_model)
+    assert static_stats.num_cached_steps > 0, cachedit.explain(static_model)
     assert dynamic_stats.branches["main"].cached_steps == static_stats.branches["main"].cached_steps
     assert torch.equal(result, expected)
     graph = _graphs(dynamic_model)[-1]
@@ -118,7 +118,7 @@ def test_automatic_dynamic_recompile_caches_every_resolution():
     assert len(graphs) == 2 and all(g.cache is not None for g in graphs), cachedit.explain(model)
     assert graphs[0].dynamic is None and "hidden_states[1]=" in graphs[1].dynamic, cachedit.explain(model)
     records = cachedit.stats(model)
-    assert len(records) == 3 and all(r.cached_steps > 0 for r in records), records
+    assert len(records) == 3 and all(r.num_cached_steps > 0 for r in records), records
     for tokens, result in results.items():  # each resolution alone, on a static compile of its own
         torch._dynamo.reset()
         alone = spec.build()

@@ -109,5 +109,5 @@ def test_hotswap_recompiles_nothing_and_still_caches():
     cached_model.load_lora_adapter(states["b"], adapter_name="lora", prefix=None, hotswap=True)
     denoise(cached, spec, num_steps=12)
     records = cachedit.stats(cached_model)
-    assert len(records) == 2 and all(r.cached_steps > 0 for r in records), records
+    assert len(records) == 2 and all(r.num_cached_steps > 0 for r in records), records
     assert counters["stats"]["unique_graphs"] == 1
