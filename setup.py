@@ -31,7 +31,10 @@ setup(
             # torchao 0.18.0 on torch 2.13 (torchao releases follow torch releases).
             "peft>=0.17,<0.22",
             "torchao>=0.16,<0.19",
+            "PyYAML>=6,<7",
         ],
+        # Config files: CACHEDIT_CONFIG=path.yaml or options={"config": "path.yaml"}.
+        "yaml": ["PyYAML>=6,<7"],
     },
     entry_points={
         "torch_dynamo_backends": ["cachedit = cachedit.backend:cachedit_backend"],

@@ -349,8 +349,29 @@ def _context_parallel(gm: torch.fx.GraphModule, config: CacheditConfig, record: 
         log.log(logging.WARNING, f"cachedit: context parallelism declined, running replicated: {reason}")
         return gm, None
     record.parallel = f"{mesh.describe()}: {plan.describe()}"
+    if mesh.ring > 1:
+        record.parallel += f"; ring attention kernel: {_ring_kernels(gm, plan)}"
     heads = min(a.heads for a in plan.attentions)
     if mesh.ulysses > heads:  # correct (uneven head split), but those ranks idle during attention
         record.parallel += f"; note: ulysses={mesh.ulysses} > {heads} heads, some ranks hold no head (prefer USP)"
     log.log(logging.INFO, f"cachedit: {record.parallel}")
     return rewritten, mesh
+
+
+def _ring_kernels(gm: torch.fx.GraphModule, plan) -> str:
+    """The LSE kernels Ring attention runs for the plan's attentions, judged from their example inputs
+    (Note [LSE attention kernels]); the kernel is chosen again per call from the real tensors."""
+    from cachedit.kernels.attention_lse import lse_kernel
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found = set()
+    for site in plan.attentions:
+        node = nodes.get(site.node)
+        if node is None or len(node.args) < 3:
+            continue
+        q, k, v = (a.meta.get("example_value") if isinstance(a, torch.fx.Node) else None for a in node.args[:3])
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        mask = mask.meta.get("example_value") if isinstance(mask, torch.fx.Node) else None
+        if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+            found.add(lse_kernel(q, k, v, mask).value)
+    return ", ".join(sorted(found)) or "not determined at compile time"

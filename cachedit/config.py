@@ -3,8 +3,10 @@
 A configuration is resolved once, when a model is compiled (never at import):
 
     explicit options (``torch.compile(options=...)`` keys or ``enable(..., **overrides)``)
-        > a ``CacheditConfig`` object handed in (``options={"config": cfg}``), which replaces env + defaults
+        > a ``CacheditConfig`` object handed in (``options={"config": cfg}``), which replaces env + defaults,
+          or a YAML file (``options={"config": "path.yaml"}``), whose keys go over env + defaults
         > ``CACHEDIT_*`` environment variables
+        > a YAML file named by ``CACHEDIT_CONFIG``
         > defaults (cache-dit 1.5.3 DBCache: F8 B0, threshold 0.08, 8 warmup steps)
 """
 
@@ -19,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 ENV_PREFIX = "CACHEDIT_"
+CONFIG_ENV = "CACHEDIT_CONFIG"  # the path of a YAML file of settings
 
 
 class CfgMode(str, enum.Enum):
@@ -122,6 +125,7 @@ class CacheditConfig:
     dmd_history: int = 6
     max_accumulated_residual_diff_threshold: float = 0.0
     budget: float = 0.0
+    cfg_diff_compute_separate: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -155,8 +159,10 @@ class CacheditConfig:
         """
         by_env = {ENV_PREFIX + name.upper(): name for name in cls.field_names()}
         values: dict[str, Any] = {}
+        if CONFIG_ENV in environ:  # a YAML file under the variables (they override it)
+            values.update(cls.from_yaml(environ[CONFIG_ENV], where=f"{CONFIG_ENV}={environ[CONFIG_ENV]!r}"))
         for key, raw in environ.items():
-            if not key.startswith(ENV_PREFIX):
+            if not key.startswith(ENV_PREFIX) or key == CONFIG_ENV:
                 continue
             if key not in by_env:
                 close = _did_you_mean(key[len(ENV_PREFIX) :], cls.field_names())
@@ -169,6 +175,38 @@ class CacheditConfig:
         return values
 
     @classmethod
+    def from_yaml(cls, path: str | os.PathLike, where: str | None = None) -> dict[str, Any]:
+        """The settings of a YAML file (a mapping of option names to values), validated; errors name the
+        file and the key. Returns only the keys the file sets, so callers can layer them."""
+        where = where or f"{os.fspath(path)!r}"
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError(f"{where}: reading a YAML config needs PyYAML: pip install 'cachedit[yaml]'") from None
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as err:
+            raise ValueError(f"{where}: cannot read the config file ({err.strerror}); pass an existing YAML file") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"{where} is not valid YAML: {err}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"{where} holds a {type(data).__name__}; expected a mapping of cachedit options, e.g. 'threshold: 0.12'"
+            )
+        names = cls.field_names()
+        values = {}
+        for key, value in data.items():
+            if key not in names:
+                close = _did_you_mean(key, names) if isinstance(key, str) else None
+                hint = f" Did you mean {close!r}?" if close else ""
+                raise ValueError(f"{where}: unknown key {key!r}.{hint} Accepted keys: {', '.join(names)}")
+            values[key] = _check_field(key, value, key, f"{where}: YAML key")
+        return values
+
+    @classmethod
     def resolve(
         cls, options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
     ) -> "CacheditConfig":
@@ -178,10 +216,14 @@ class CacheditConfig:
         """
         options = dict(options or {})
         base = options.pop("config", None)
+        environ = os.environ if environ is None else environ
+        if isinstance(base, (str, os.PathLike)):  # a YAML file: its keys over the environment
+            path = base
+            base = cls(**{**cls.from_env(environ), **cls.from_yaml(path, where=f"options['config']={os.fspath(path)!r}")})
         if base is not None and not isinstance(base, CacheditConfig):
             raise TypeError(
-                f"options['config'] must be a cachedit.CacheditConfig, got {type(base).__name__}; "
-                "build one with cachedit.CacheditConfig(Fn=..., threshold=...)"
+                f"options['config'] must be a cachedit.CacheditConfig or the path of a YAML file, got "
+                f"{type(base).__name__}; build one with cachedit.CacheditConfig(Fn=..., threshold=...)"
             )
         names = cls.field_names()
         for k, value in options.items():
@@ -191,7 +233,7 @@ class CacheditConfig:
                 raise ValueError(f"unknown cachedit option {k!r}.{hint} Accepted options: {', '.join(names)}")
             options[k] = _check_field(k, value, k, "cachedit option")  # names the option, not the dataclass
         if base is None:
-            base = cls(**cls.from_env(os.environ if environ is None else environ))
+            base = cls(**cls.from_env(environ))
         return dataclasses.replace(base, **options) if options else base
 
 
@@ -392,6 +434,7 @@ REQUEST_SETTINGS = (
     "dmd_history",
     "max_accumulated_residual_diff_threshold",
     "budget",
+    "cfg_diff_compute_separate",
 )
 
 

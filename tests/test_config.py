@@ -174,3 +174,42 @@ def test_per_request_settings_errors_name_the_setting():
     with pytest.raises(ValueError, match=r"^unknown per-request setting 'Threshold'. Did you mean 'threshold'\?"):
         request_settings({"Threshold": 0.1})
     assert request_settings({"threshold": "0.2", "cfg": "SEPARATE"}) == {"threshold": 0.2, "cfg": CfgMode.SEPARATE}
+
+
+# --- YAML files ---------------------------------------------------------------------------------------------
+
+
+def test_yaml_file_through_options_and_environment(tmp_path):
+    path = tmp_path / "cachedit.yaml"
+    path.write_text("Fn: 2\nthreshold: 0.2\nscm: fast\ncalibrator: taylorseer\n")
+    config = CacheditConfig.resolve({"config": str(path), "threshold": 0.3}, environ={"CACHEDIT_BN": "1"})
+    assert (config.Fn, config.Bn, config.threshold, config.scm) == (2, 1, 0.3, "fast")  # options > file > env
+    # CACHEDIT_CONFIG: the variables override the file
+    env = {"CACHEDIT_CONFIG": str(path), "CACHEDIT_FN": "3"}
+    config = CacheditConfig.resolve({}, environ=env)
+    assert (config.Fn, config.threshold, config.calibrator.value) == (3, 0.2, "taylorseer")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("treshold: 0.2\n", r"cachedit.yaml'?: unknown key 'treshold'. Did you mean 'threshold'\?"),
+        ("threshold: lots\n", r"cachedit.yaml'?: YAML key threshold='lots' is not a number"),
+        ("Fn: 0\n", r"cachedit.yaml'?: YAML key Fn=0 is out of range"),
+        ("- Fn\n", r"holds a list; expected a mapping"),
+        ("Fn: [1\n", r"is not valid YAML"),
+    ],
+    ids=["typo", "not-a-number", "out-of-range", "not-a-mapping", "broken"],
+)
+def test_bad_yaml_names_the_file_and_the_key(tmp_path, text, message):
+    path = tmp_path / "cachedit.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        CacheditConfig.resolve({"config": str(path)}, environ={})
+    with pytest.raises(ValueError, match="CACHEDIT_CONFIG="):
+        CacheditConfig.resolve({}, environ={"CACHEDIT_CONFIG": str(path)})
+
+
+def test_missing_yaml_file_says_so(tmp_path):
+    with pytest.raises(ValueError, match="cannot read the config file"):
+        CacheditConfig.resolve({"config": str(tmp_path / "nope.yaml")}, environ={})

@@ -54,6 +54,8 @@ _REFERENCE_NAMES = {
     "warmup_interval": "warmup_interval",
     "max_cached_steps": "max_cached_steps",
     "max_continuous_cached_steps": "max_continuous_cached_steps",
+    "max_accumulated_residual_diff_threshold": "max_accumulated_residual_diff_threshold",
+    "cfg_diff_compute_separate": "cfg_diff_compute_separate",
 }
 
 
@@ -147,6 +149,19 @@ CASES = [
     # Separate CFG: FluxPipeline's true CFG calls the transformer twice per step, positive prompt first.
     Case("CFG-separate", dict(Fn=1, Bn=0, threshold=0.35, warmup_steps=4), true_cfg=True, cfg="separate"),
     Case("CFG-auto", dict(Fn=1, Bn=0, threshold=0.35, warmup_steps=4), true_cfg=True, cfg="auto"),
+    # The uncond call decides on the cond call's diff of the same step.
+    Case(
+        "CFG-shared-diff",
+        dict(Fn=1, Bn=0, threshold=0.35, warmup_steps=4, cfg_diff_compute_separate=False),
+        true_cfg=True,
+        cfg="separate",
+    ),
+    # Caching stops once the recorded diffs of a branch sum to 1.5.
+    Case(
+        "MA1.5",
+        dict(Fn=1, Bn=0, threshold=0.35, warmup_steps=3, max_accumulated_residual_diff_threshold=1.5),
+        fired=(Reason.MAX_ACCUMULATED,),
+    ),
 ]
 
 

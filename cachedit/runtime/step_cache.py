@@ -205,6 +205,14 @@ def _calibrator(config: CacheditConfig):
     return calibrators.make_calibrator(name, **params)
 
 
+def _borrowed_diff(req: _Request, branch: _Branch, step: int) -> float | None:
+    """With ``cfg_diff_compute_separate=False``, a further call of a step (uncond, ...) decides on the diff
+    its first call recorded at that step, as cache-dit does; None when it computes its own."""
+    if req.config.cfg_diff_compute_separate or not req.branches or branch is req.branches[0]:
+        return None
+    return req.branches[0].stats.diffs.get(step)
+
+
 def _execution_context() -> object:
     """What a detected request is keyed by: the running asyncio task, else the current thread."""
     try:
@@ -415,9 +423,12 @@ class StepCache:
             decision = policy.Decision(policy.Action.COMPUTE, policy.Reason.UNKNOWN_REQUEST, req.step)
         else:
             diff = None
+            borrowed = _borrowed_diff(req, branch, req.step)
             if id(branch) in sums:
                 num, den = sums[id(branch)]
                 diff = num / den if den > 0 else float("inf")  # 0/0 is NaN in cache-dit: never similar
+            elif borrowed is not None and policy.needs_diff(req.plan, branch.history, req.step):
+                diff = borrowed
             elif policy.needs_diff(req.plan, branch.history, req.step):
                 diff = float("inf")  # the residual's shape changed since the last computed step
             decision = policy.decide(req.plan, branch.history, req.step, diff)
@@ -465,6 +476,8 @@ class StepCache:
         diffs_for = []
         for branch, step in candidates:
             prev = branch.prev_residual
+            if _borrowed_diff(req, branch, step) is not None:
+                continue  # a further CFG call reuses the first call's diff of this step
             if prev is not None and prev.shape == residual.shape and policy.needs_diff(req.plan, branch.history, step):
                 reads.append(torch.ops.cachedit.residual_diff(prev, residual))
                 diffs_for.append(branch)

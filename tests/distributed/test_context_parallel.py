@@ -90,6 +90,8 @@ def _check(cases_results, case_id, mode):
         got = per_rank[case_id]
         assert "error" not in got, f"rank {rank}: {got.get('error')}"
         assert mode in got["explain"], f"rank {rank} did not shard:\n{got['explain']}"
+        if "Ring" in mode or "USP" in mode:  # the CPU's LSE kernel (Note [LSE attention kernels])
+            assert "ring attention kernel: cpu_flash" in got["explain"], got["explain"]
         assert got["graphs"] == 1, f"rank {rank} compiled {got['graphs']} graphs"  # fullgraph: no break either
         err = ((got["out"] - expected).abs().max() / expected.abs().max()).item()
         assert err < TOL, f"rank {rank}: max relative error {err:.2e}"
