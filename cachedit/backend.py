@@ -367,11 +367,11 @@ def _ring_kernels(gm: torch.fx.GraphModule, plan) -> str:
     found = set()
     for site in plan.attentions:
         node = nodes.get(site.node)
-        if node is None or len(node.args) < 3:
+        if node is None:
             continue
-        q, k, v = (a.meta.get("example_value") if isinstance(a, torch.fx.Node) else None for a in node.args[:3])
-        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-        mask = mask.meta.get("example_value") if isinstance(mask, torch.fx.Node) else None
+        named = ("query", "key", "value", "attn_mask")
+        args = [node.args[i] if i < len(node.args) else node.kwargs.get(name) for i, name in enumerate(named)]
+        q, k, v, mask = (a.meta.get("example_value") if isinstance(a, torch.fx.Node) else None for a in args)
         if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
             found.add(lse_kernel(q, k, v, mask).value)
     return ", ".join(sorted(found)) or "not determined at compile time"
