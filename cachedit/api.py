@@ -41,10 +41,11 @@ def _graphs(model: Any) -> list[registry.CompiledGraph]:
 def request(model: Any, num_inference_steps: int | None = None, **settings: Any) -> Iterator[None]:
     """Mark one generation on ``model``: every call inside is a step of one new request.
 
-    ``settings`` override the compile-time defaults for this request only: ``threshold``,
-    ``warmup_steps``, ``warmup_interval``, ``max_cached_steps``, ``max_continuous_cached_steps``, ``cfg``.
-    They change no compiled graph (no recompile). Settings that shape the split (``Fn``, ``Bn``,
-    ``inner``, ``ulysses``, ``ring``, ``fp8_comm``) are fixed at compile time and refused here.
+    ``settings`` override the compile-time defaults for this request only: every name in
+    ``cachedit.config.REQUEST_SETTINGS`` (``threshold``, the warmup and step limits, ``cfg``, and the cache
+    family: ``scm``, ``scm_policy``, ``calibrator``, ``budget``, ...). They change no compiled graph (no
+    recompile). Settings that shape the split (``Fn``, ``Bn``, ``inner``, ``mode``, ``ulysses``, ``ring``,
+    ``fp8_comm``) are fixed at compile time and refused here.
 
     Without it, cachedit detects requests (Note [Requests and branches]). The context is per thread and
     per asyncio task, so concurrent requests stay apart; its buffers are freed when it exits.
