@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cachedit.runtime.calibrators import make_calibrator
+from report import markdown_table, write_section
 
 CASES = [
     ("none", {}),
@@ -91,27 +92,43 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only (not into BENCHMARKS.md)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shape, dtype = tuple(args.shape), getattr(torch, args.dtype)
     tensor_mb = torch.empty(shape, dtype=dtype).nbytes / 2**20
-    print(
-        f"# calibrators: one {list(shape)} {args.dtype} stream ({tensor_mb:.0f} MiB), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"load average {os.getloadavg()[0]:.1f}\n"
+    intro = (
+        f"One {list(shape)} {args.dtype} stream ({tensor_mb:.0f} MiB), {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f}; the fastest of {args.repeats} repeats. A cached step costs one "
+        "forecast per carried stream (Note [Calibrators] in `cachedit/runtime/calibrators.py`)."
     )
-    print(
-        "| calibrator | µs per forecast | first forecast after an update (µs) | µs per update | held (MiB) "
-        "| full-size ops per forecast |"
-    )
-    print("|---|---:|---:|---:|---:|---|")
+    rows = []
     for name, params in CASES:
         r = measure(name, params, shape, dtype, args.repeats)
-        print(
-            f"| {r['calibrator']} | {r['forecast_us']:,.0f} | {r['first_forecast_us']:,.0f} | "
-            f"{r['update_us']:,.0f} | {r['held_mb']:,.0f} | {len(r['ops'])}: {' '.join(r['ops']) or '-'} |"
+        rows.append(
+            [
+                r["calibrator"],
+                f"{r['forecast_us']:,.0f}",
+                f"{r['first_forecast_us']:,.0f}",
+                f"{r['update_us']:,.0f}",
+                f"{r['held_mb']:,.0f}",
+                f"{len(r['ops'])}: {' '.join(r['ops']) or '-'}",
+            ]
         )
+        print(" | ".join(rows[-1]), flush=True)
+    header = [
+        "calibrator",
+        "µs per forecast",
+        "first forecast after an update (µs)",
+        "µs per update",
+        "held (MiB)",
+        "full-size ops per forecast",
+    ]
+    body = intro + "\n\n" + markdown_table(header, rows)
+    print(body)
+    if not args.no_write:
+        write_section("Calibrators", body)
 
 
 if __name__ == "__main__":
