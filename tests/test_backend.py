@@ -27,12 +27,7 @@ MULTI_GRAPH = sorted(n for n, s in MODELS.items() if not s.single_graph_when_war
 EXACT = dict(Fn=1, Bn=1, threshold=0.0, warmup_steps=0, inner="eager")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 def compiled(model, **options):

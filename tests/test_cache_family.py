@@ -17,12 +17,7 @@ import cachedit
 from tests.request_streams import Request, compile_fresh, timesteps
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 SETTINGS = [

@@ -25,12 +25,7 @@ from tests.models import denoise, get
 LOOSE = dict(Fn=1, Bn=1, threshold=0.9, warmup_steps=2, max_continuous_cached_steps=3)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 def _top(model):

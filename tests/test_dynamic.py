@@ -22,12 +22,7 @@ EXACT = dict(Fn=1, Bn=1, threshold=0.0, warmup_steps=0, inner="eager")
 LOOSE = dict(Fn=1, Bn=0, threshold=0.9, warmup_steps=2, max_continuous_cached_steps=3, inner="eager")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 def dynamic(model, **options):

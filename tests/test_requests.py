@@ -24,12 +24,7 @@ from tests.request_streams import OPTIONS, SPEC, Request, cached_steps, compile_
 
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 def fresh(**options):
