@@ -184,12 +184,9 @@ def _rule(plan: Plan, history: BranchHistory, step: int) -> Reason | None:
 
 def _budget_rule(plan: Plan, history: BranchHistory, step: int) -> tuple[Action, Reason] | None:
     """The forced decisions of budget mode (Note [Budget mode]); None when the diff decides."""
-    mandatory = _mandatory(plan.warmup, plan.num_steps)
-    if step in mandatory or step >= plan.num_steps or not history.has_previous:
+    if step in _mandatory(plan.warmup, plan.num_steps) or step >= plan.num_steps or not history.has_previous:
         return Action.COMPUTE, Reason.BUDGET_MANDATORY
-    mandatory_left = sum(1 for s in mandatory if s >= step)
-    computes_left = plan.budget - len(history.computed_steps) - mandatory_left
-    free_left = plan.num_steps - step - mandatory_left  # this step included
+    computes_left, free_left = _budget_left(plan, history, step)
     if computes_left <= 0:
         return Action.CACHE, Reason.BUDGET_SPENT
     if computes_left >= free_left:
@@ -197,14 +194,19 @@ def _budget_rule(plan: Plan, history: BranchHistory, step: int) -> tuple[Action,
     return None
 
 
+def _budget_left(plan: Plan, history: BranchHistory, step: int) -> tuple[int, int]:
+    """At a step that is not mandatory: the computes left to place, and the free steps left (this one included)."""
+    mandatory_left = sum(1 for s in _mandatory(plan.warmup, plan.num_steps) if s >= step)
+    computes_left = plan.budget - len(history.computed_steps) - mandatory_left
+    return computes_left, plan.num_steps - step - mandatory_left
+
+
 def _decide_budget(plan: Plan, history: BranchHistory, step: int, diff: float | None) -> Decision:
     forced = _budget_rule(plan, history, step)
     if forced is not None:
         return Decision(forced[0], forced[1], step)
     assert diff is not None, "decide() needs the diff whenever needs_diff() is true"
-    mandatory_left = sum(1 for s in _mandatory(plan.warmup, plan.num_steps) if s >= step)
-    computes_left = plan.budget - len(history.computed_steps) - mandatory_left
-    free_left = plan.num_steps - step - mandatory_left
+    computes_left, free_left = _budget_left(plan, history, step)
     since = step - history.computed_steps[-1]
     rate = history.rate_sum / history.rate_count if history.rate_count else diff / since
     if diff >= rate * free_left / computes_left:
