@@ -88,6 +88,13 @@ class Calibrator(str, enum.Enum):
     DMD = "dmd"
 
 
+class RefreshPolicy(str, enum.Enum):
+    """When ``force_refresh_step_hint`` restarts a request's cache state."""
+
+    ONCE = "once"  # at that step only
+    REPEAT = "repeat"  # at every multiple of it
+
+
 SCM_PRESETS = ("slow", "medium", "fast", "ultra")
 
 
@@ -126,6 +133,8 @@ class CacheditConfig:
     max_accumulated_residual_diff_threshold: float = 0.0
     budget: float = 0.0
     cfg_diff_compute_separate: bool = True
+    force_refresh_step_hint: int = 0
+    force_refresh_step_policy: RefreshPolicy = RefreshPolicy.ONCE
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -348,6 +357,7 @@ _LOWER_BOUNDS = {
     "max_residual_bytes": (-1, "use -1 for no cap"),
     "taylorseer_order": (1, "TaylorSeer's order, 1 to 3"),
     "dmd_history": (4, "the snapshots DMD fits on; cache-dit's default is 6"),
+    "force_refresh_step_hint": (0, "the step at which the cache state restarts; 0: never"),
 }
 
 
@@ -435,6 +445,8 @@ REQUEST_SETTINGS = (
     "max_accumulated_residual_diff_threshold",
     "budget",
     "cfg_diff_compute_separate",
+    "force_refresh_step_hint",
+    "force_refresh_step_policy",
 )
 
 

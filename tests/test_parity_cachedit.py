@@ -303,3 +303,27 @@ def test_bare_transformer_matches_cache_dit_and_avoids_its_off_by_one(cache_dit,
     reference_second = denoise(transformer, BARE_STEPS)
     assert (reference_second - reference_first).abs().max() > 1e-3, "cache-dit no longer shows the off-by-one"
 
+
+
+# --- forced refresh ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hint,policy", [(10, "once"), (8, "repeat")])
+def test_force_refresh_matches_cache_dit(cache_dit, hint, policy):
+    """``force_refresh_step_hint``: the cache state restarts at the hint (and its multiples with "repeat").
+
+    cache-dit's summary after a refresh mixes step numbers from before and after it, so the comparison is
+    on what the generation computed: the latents, against the run without a refresh to show it mattered.
+    """
+    options = dict(Fn=1, Bn=0, threshold=0.35, warmup_steps=3)
+    refresh = dict(force_refresh_step_hint=hint, force_refresh_step_policy=policy)
+    reference = run_reference(cache_dit, options, 24, False, **refresh)
+    ours = run_cachedit({**options, **refresh}, 24, False, "batched")
+    plain = run_cachedit(options, 24, False, "batched")
+    torch.testing.assert_close(ours.latents, reference.latents, rtol=0, atol=LATENT_ATOL)
+    assert (ours.latents - plain.latents).abs().max() > 1e-3, "the refresh changed nothing: pick another hint"
+    starts = [0, hint] if policy == "once" else list(range(0, 24, hint))
+    warmup = {s + i for s in starts for i in range(options["warmup_steps"])}
+    reasons = ours.reasons["main"]
+    assert {s for s, r in reasons.items() if Reason.WARMUP.value in r} == warmup, reasons
+    assert ours.cached["main"] and all(s not in warmup for s in ours.cached["main"])

@@ -34,6 +34,17 @@ input and outside an explicit request, boundaries cannot be seen and every step 
 The one host synchronisation per step: the timestep and the residual-diff sums of every branch the
 call could belong to are read together with one ``tolist()``; the branch is resolved afterwards.
 
+Note [Forced refresh]
+~~~~~~~~~~~~~~~~~~~~~
+``force_refresh_step_hint = h`` restarts a request's cache state at step ``h`` (``force_refresh_step_policy
+= "repeat"``: at every multiple of ``h``), for pipelines whose transformer calls are not one denoising
+schedule: a first call that encodes a reference image before denoising starts (hint 1), or several
+denoising loops in one generation (hint = steps per loop, repeat). At that step every branch drops its
+buffers and history, and warmup, masks, limits, the budget and ``num_inference_steps`` count from it
+again, as in cache-dit 1.5.3; the request's stats keep counting steps from its start. cache-dit counts
+the hint in transformer calls, we count steps (a step's CFG calls are one step): with separate CFG its
+hint is twice ours.
+
 Memory: a request's buffers are the head residual of its last computed step and the middle residuals,
 per branch. A branch frees them after the last of ``num_inference_steps`` steps. With
 ``max_residual_bytes`` set, the oldest detected requests of a model lose their buffers (and compute
@@ -58,7 +69,7 @@ from typing import Any
 import torch
 
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
-from cachedit.config import Calibrator, CacheditConfig, CfgMode
+from cachedit.config import Calibrator, CacheditConfig, CfgMode, RefreshPolicy
 from cachedit.runtime import calibrators, policy, registry
 
 log = logging.getLogger("cachedit")
@@ -139,6 +150,7 @@ class _Request:
     plan: policy.Plan  # what its step count fixes: warmup, steps mask, budget
     branches: list[_Branch] = dataclasses.field(default_factory=list)
     step: int = -1
+    origin: int = 0  # the step the cache state last (re)started at (Note [Forced refresh])
     calls_at_step: int = 0
     last_t: float | None = None
     direction: int = 0  # +1 / -1 once two distinct timesteps were seen
@@ -153,6 +165,18 @@ class _Request:
             self.branches.append(_Branch())
             self.stats.branch_list.append(self.branches[-1].stats)
         return self.branches[index]
+
+    @property
+    def local_step(self) -> int:
+        """The step as the policy counts it: from the last forced refresh."""
+        return self.step - self.origin
+
+    def refresh(self) -> None:
+        """Restart the cache state at this step (Note [Forced refresh]); the stats keep counting."""
+        for branch in self.branches:
+            branch.drop()
+            branch.history = policy.BranchHistory()
+        self.origin = self.step
 
     def same_latent(self, latent: torch.Tensor | None) -> bool:
         return latent is not None and self.latent is not None and self.latent() is latent and (
@@ -211,6 +235,14 @@ def _borrowed_diff(req: _Request, branch: _Branch, step: int) -> float | None:
     if req.config.cfg_diff_compute_separate or not req.branches or branch is req.branches[0]:
         return None
     return req.branches[0].stats.diffs.get(step)
+
+
+def _refreshes_at(config: CacheditConfig, step: int) -> bool:
+    """Whether ``force_refresh_step_hint`` restarts the cache state at ``step`` (Note [Forced refresh])."""
+    hint = config.force_refresh_step_hint
+    if hint <= 0 or step <= 0:
+        return False
+    return step == hint or (config.force_refresh_step_policy is RefreshPolicy.REPEAT and step % hint == 0)
 
 
 def _execution_context() -> object:
@@ -417,6 +449,8 @@ class StepCache:
                 branch.drop()
         req.shape = tuple(residual.shape)
         branch = self._advance(req, t, latent, conditioning, same_step)
+        if req.calls_at_step == 1 and _refreshes_at(req.config, req.step):
+            req.refresh()
 
         if token is None and timestep is None:
             # Caching across a boundary we cannot see could mix two requests: compute.
@@ -424,14 +458,15 @@ class StepCache:
         else:
             diff = None
             borrowed = _borrowed_diff(req, branch, req.step)
+            step = req.local_step
             if id(branch) in sums:
                 num, den = sums[id(branch)]
                 diff = num / den if den > 0 else float("inf")  # 0/0 is NaN in cache-dit: never similar
-            elif borrowed is not None and policy.needs_diff(req.plan, branch.history, req.step):
+            elif borrowed is not None and policy.needs_diff(req.plan, branch.history, step):
                 diff = borrowed
-            elif policy.needs_diff(req.plan, branch.history, req.step):
+            elif policy.needs_diff(req.plan, branch.history, step):
                 diff = float("inf")  # the residual's shape changed since the last computed step
-            decision = policy.decide(req.plan, branch.history, req.step, diff)
+            decision = policy.decide(req.plan, branch.history, step, diff)
         policy.record(branch.history, decision)
         stats = branch.stats
         (stats.cached_steps if decision.cache else stats.computed_steps).append(req.step)
@@ -472,13 +507,15 @@ class StepCache:
                 pair_possible = latent is None and config.cfg is not CfgMode.BATCHED and req.calls_at_step == 1
                 if pair_possible and len(req.branches) > 1:
                     candidates.append((req.branches[1], req.step))
+        # (a step about to be refreshed reads a diff it will not use: at most once per refresh)
         reads = [timestep.reshape(-1)[:1].float()] if timestep is not None else []
         diffs_for = []
         for branch, step in candidates:
             prev = branch.prev_residual
             if _borrowed_diff(req, branch, step) is not None:
                 continue  # a further CFG call reuses the first call's diff of this step
-            if prev is not None and prev.shape == residual.shape and policy.needs_diff(req.plan, branch.history, step):
+            local = step - req.origin
+            if prev is not None and prev.shape == residual.shape and policy.needs_diff(req.plan, branch.history, local):
                 reads.append(torch.ops.cachedit.residual_diff(prev, residual))
                 diffs_for.append(branch)
         if diffs_for and self.reduce_sums is not None:  # context parallel: decide on the sums over all ranks
@@ -509,7 +546,7 @@ class StepCache:
         if req.shape != tuple(residual.shape):
             return True  # a new resolution
         n = req.stats.num_inference_steps
-        if n is not None and req.step + 1 >= n:
+        if n is not None and req.local_step + 1 >= n:
             return True
         known = conditioning is not None and bool(req.conditionings)
         if known and not req.knows(conditioning):
@@ -564,7 +601,7 @@ class StepCache:
                 for calibrator, value in zip(branch.calibrators, branch.residuals):
                     calibrator.update(req.step, value)
         n = req.stats.num_inference_steps
-        if n is not None and req.step + 1 >= n:
+        if n is not None and req.local_step + 1 >= n:
             branch.drop()  # this branch's last step: nothing will reuse its buffers
         if not decision.cache:
             state.enforce_cap(req)
