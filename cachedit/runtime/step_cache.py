@@ -59,7 +59,7 @@ import torch
 
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
 from cachedit.config import Calibrator, CacheditConfig, CfgMode
-from cachedit.runtime import calibrators, policy, registry
+from cachedit.runtime import calibrators, policy, registry, rows
 
 log = logging.getLogger("cachedit")
 
@@ -386,6 +386,9 @@ class StepCache:
 
         Returns what the reuse node needs: ``(decision, branch, request, state, cached residuals)``.
         """
+        tagged = rows.active(param)  # rows of several requests in one batch (runtime/rows.py)
+        if tagged is not None:
+            return rows.gate(self, tagged, residual, timestep, param, latent, conditioning)
         state = self.state(param)
         now = time.monotonic()
         state.sweep(now)
@@ -542,6 +545,8 @@ class StepCache:
     # -- the reuse node -------------------------------------------------------------------------
 
     def reuse(self, gated, middle, residual_of: tuple[int, ...], inputs) -> tuple[torch.Tensor, ...]:
+        if isinstance(gated, rows.Gated):  # a batch tagged with cachedit.rows (runtime/rows.py)
+            return rows.reuse(self, gated, middle, residual_of, inputs)
         decision, branch, req, state, cached = gated
         if decision.cache:
             residuals, layouts = cached
