@@ -82,7 +82,7 @@ def open_request(model: Any, num_inference_steps: int | None = None, **settings:
 
 
 @contextlib.contextmanager
-def rows(model: Any, groups: Sequence[tuple[RequestHandle, int]]) -> Iterator[None]:
+def rows(model: Any, groups: Sequence[tuple[RequestHandle, int]]) -> Iterator[_rows.Batch]:
     """Tag the rows of the batched forwards inside with their requests (Note [Rows of several requests]).
 
     ``groups`` lists ``(handle, n_rows)`` in batch order: the first ``n_rows`` rows belong to the first
@@ -108,8 +108,8 @@ def rows(model: Any, groups: Sequence[tuple[RequestHandle, int]]) -> Iterator[No
         seen.add(handle.id)
         checked.append((handle, n))
     owner = frozenset(id(t) for t in _tensors(model))
-    with _rows.tag_rows(owner, checked):
-        yield
+    with _rows.tag_rows(owner, checked) as batch:
+        yield batch  # batch.gated: how many forwards reached the gate (0: an error came before any decision)
 
 
 def stats(model: Any) -> list[RequestStats]:
