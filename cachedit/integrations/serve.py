@@ -275,10 +275,12 @@ class Engine:
         return job
 
     def retry_after(self) -> int:
-        """Seconds until a queue slot is likely free: the queue ahead, in batches, times a step's time."""
+        """Seconds until the queue has room, roughly: the batches queued ahead times the steps of a queued
+        generation (their mean) times the recent mean seconds of a step."""
         step = (sum(self.step_seconds) / len(self.step_seconds)) if self.step_seconds else 0.1
+        steps = sum(j.params.steps for j in self.queue) / len(self.queue) if self.queue else 1
         batches = math.ceil(len(self.queue) / self.max_batch)
-        return max(1, math.ceil(batches * step * 8))
+        return max(1, math.ceil(batches * steps * step))
 
     def generate(self, params: Params, on_step: Callable[[int], None] | None = None, timeout: float | None = None) -> dict:
         return self.submit(params, on_step).future.result(timeout)
