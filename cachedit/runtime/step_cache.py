@@ -70,7 +70,7 @@ import torch
 
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
 from cachedit.config import CachePolicy, Calibrator, CacheditConfig, CfgMode, RefreshPolicy
-from cachedit.runtime import calibrators, policy, registry
+from cachedit.runtime import calibrators, policy, registry, rows
 
 log = logging.getLogger("cachedit")
 
@@ -442,6 +442,9 @@ class StepCache:
 
         Returns what the reuse node needs: ``(decision, branch, request, state, cached residuals)``.
         """
+        tagged = rows.active(param)  # rows of several requests in one batch (runtime/rows.py)
+        if tagged is not None:
+            return rows.gate(self, tagged, residual, timestep, param, latent, conditioning)
         state = self.state(param)
         now = time.monotonic()
         state.sweep(now)
@@ -481,21 +484,36 @@ class StepCache:
         if token is None and timestep is None:
             # Caching across a boundary we cannot see could mix two requests: compute.
             decision = policy.Decision(policy.Action.COMPUTE, policy.Reason.UNKNOWN_REQUEST, req.step)
-        elif req.config.policy is CachePolicy.DBPRUNE:
+            self.decided(req, branch, decision, residual)
+            return decision, branch, req, state, None
+        if req.config.policy is CachePolicy.DBPRUNE:
             branch.pruned_now = []  # each block decides in its reuse node; the last one records the step
             return policy.Decision(policy.Action.COMPUTE, policy.Reason.PER_BLOCK, req.local_step), branch, req, state, None
-        else:
-            diff = None
-            borrowed = _borrowed_diff(req, branch, req.step)
-            step = req.local_step
-            if id(branch) in sums:
-                num, den = sums[id(branch)]
-                diff = num / den if den > 0 else float("inf")  # 0/0 is NaN in cache-dit: never similar
-            elif borrowed is not None and policy.needs_diff(req.plan, branch.history, step):
-                diff = borrowed
-            elif policy.needs_diff(req.plan, branch.history, step):
-                diff = float("inf")  # the residual's shape changed since the last computed step
-            decision = policy.decide(req.plan, branch.history, step, diff)
+        decision, cached = self.decide(req, branch, sums.get(id(branch)), residual)
+        return decision, branch, req, state, cached
+
+    def decide(self, req: _Request, branch: _Branch, sums: tuple[float, float] | None, residual: torch.Tensor):
+        """Decide ``branch``'s step from the diff sums read for it (None: not read) and record it.
+
+        Returns the decision and, for a cached step, what each gated part adds (taken now: another thread
+        may drop this request's buffers, by the byte cap or the idle sweep, before the reuse node runs).
+        """
+        diff = None
+        borrowed = _borrowed_diff(req, branch, req.step)
+        step = req.local_step
+        if sums is not None:
+            num, den = sums
+            diff = num / den if den > 0 else float("inf")  # 0/0 is NaN in cache-dit: never similar
+        elif borrowed is not None and policy.needs_diff(req.plan, branch.history, step):
+            diff = borrowed
+        elif policy.needs_diff(req.plan, branch.history, step):
+            diff = float("inf")  # the residual's shape changed since the last computed step
+        decision = policy.decide(req.plan, branch.history, step, diff)
+        return decision, self.decided(req, branch, decision, residual)
+
+    @staticmethod
+    def decided(req: _Request, branch: _Branch, decision: policy.Decision, residual: torch.Tensor):
+        """Record ``decision`` in ``branch``; return what a cached step adds per gated part (None: computes)."""
         policy.record(branch.history, decision)
         stats = branch.stats
         (stats.cached_steps if decision.cache else stats.computed_steps).append(req.step)
@@ -504,10 +522,8 @@ class StepCache:
             stats.diffs[req.step] = decision.diff
         if not decision.cache:
             branch.prev_residual = residual
-        # What a cached step adds, taken now: another thread may drop this request's buffers (the byte
-        # cap, the idle sweep) before the reuse node runs.
-        cached = [_what_to_add(kept, req.step) for kept in branch.kept] if decision.cache else None
-        return decision, branch, req, state, cached
+            return None
+        return [_what_to_add(kept, req.step) for kept in branch.kept]
 
     def _check_split(self, config: CacheditConfig) -> None:
         if config.policy is CachePolicy.DBPRUNE and not self.per_block:
@@ -611,6 +627,8 @@ class StepCache:
 
     def reuse(self, gated, middle, k: int, segment, inputs) -> tuple[torch.Tensor, ...]:
         """Gated part ``k`` (``segment``): run it, or rebuild its outputs from what its residuals say."""
+        if isinstance(gated, rows.Gated):  # a batch tagged with cachedit.rows (runtime/rows.py)
+            return rows.reuse(self, gated, middle, k, segment, inputs)
         decision, branch, req, state, cached = gated
         if decision.reason is policy.Reason.PER_BLOCK:
             outs = self._prune(req, branch, middle, k, segment, inputs)
