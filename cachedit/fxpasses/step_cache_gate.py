@@ -217,6 +217,14 @@ def insert_step_cache_gate(
             "which a cached step could not provide; compile with static shapes (dynamic=False)"
         )
 
+    # A stream with blocks of its own outside the chain (Flux.3's text mode blocks run before the chain)
+    # enters the middle without depending on a chain block; the middle still changes it, so it is carried.
+    for out in middle_out:
+        if not any(shape_key(c) == shape_key(out) for c in carried):
+            promoted = [n for n in invariants if isinstance(n.meta.get("example_value"), torch.Tensor) and shape_key(n) == shape_key(out)]
+            if len(promoted) == 1:
+                carried.append(promoted[0])
+                invariants.remove(promoted[0])
     residual_of = tuple(_match(out, carried, "a middle output", "the streams entering the middle") for out in middle_out)
     # The primary stream: what the last block hands to the epilogue.
     last = chain.blocks[-1]
