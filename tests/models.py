@@ -93,6 +93,7 @@ class ModelSpec:
     out_tokens: int | None = None  # the output holds [text | image] tokens: the last `out_tokens` are the latent's
     uncached: str | None = None  # why the backend declines every piece that holds the main blocks (asserted)
     per_block: bool = False  # the main blocks are split over graphs: the per-block path (issue 16) should cache them
+    reads_timestep: bool = True  # False: the forward never reads its timestep, so the graph has none to see
 
     @property
     def status(self) -> str:
@@ -101,6 +102,8 @@ class ModelSpec:
             return f"uncached: {self.uncached}" + (" (per-block path pending)" if self.per_block else "")
         if not self.single_graph_when_warm:
             return "step-cached in one piece of several, inside a request only (that piece sees no timestep)"
+        if not self.reads_timestep:
+            return "step-cached, whole graph, inside a request only (the forward reads no timestep)"
         return "step-cached, whole graph"
 
     def build(self, warm: bool = False) -> torch.nn.Module:
@@ -802,7 +805,7 @@ _ROWS = [
     ModelSpec("transformer2d", "Transformer2DModel", dict(**_H, in_channels=4, out_channels=8, num_layers=3, cross_attention_dim=HIDDEN, sample_size=8, patch_size=2, caption_channels=TEXT_DIM, norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False),
         _t2d_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 16, 7, learned_sigma=True),
     ModelSpec("dreamlite", "DreamLiteTransformer2DModel", dict(**_H, in_channels=4, out_channels=4, num_layers=3, cross_attention_dim=TEXT_DIM, norm_num_groups=4),
-        _dreamlite_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 64, 7),
+        _dreamlite_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 64, 7, reads_timestep=False),
     ModelSpec("minimaxmusic3", "MiniMaxMusic3Transformer1DModel", dict(in_channels=8, condition_dim=4, num_layers=3, **_H, ff_inner_dim=64, rotary_dim=8, fourier_embedding_dim=16),
         _music_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7),
     ModelSpec("joyimageedit", "JoyImageEditTransformer3DModel", dict(in_channels=4, out_channels=4, hidden_size=HIDDEN, num_attention_heads=HEADS, text_dim=TEXT_DIM, num_layers=3, rope_dim_list=[4, 6, 6]),
@@ -810,7 +813,8 @@ _ROWS = [
     ModelSpec("motifvideo", "MotifVideoTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_single_layers=3, patch_size=2, text_embed_dim=TEXT_DIM, rope_axes_dim=_FLUX_ROPE),
         _motif_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 32, 7),
     ModelSpec("qwenimage21", "QwenImage21Transformer2DModel", dict(patch_size=1, in_channels=16, out_channels=16, num_layers=3, **_H, context_in_dim=TEXT_DIM, axes_dims_rope=_FLUX_ROPE),
-        _qwen21_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7, out_tokens=16),
+        _qwen21_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7, out_tokens=16,
+        single_graph=False, graph_break="data-dependent token layout in the prologue (repeat_interleave by img_mask, boolean-mask assignment, int() of a sum): 3 graphs; the piece holding the blocks reads no timestep"),
     ModelSpec("framepack", "HunyuanVideoFramepackTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_single_layers=3, num_refiner_layers=2, patch_size=2, text_embed_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, rope_axes_dim=_FLUX_ROPE, image_proj_dim=16, has_image_proj=True, has_clean_x_embedder=True),
                 _framepack_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 32, 7, side_lists=("context_embedder.token_refiner.refiner_blocks",),
         single_graph=False, graph_break="a tensor-indexed slice calls .item(): Dynamo skips the top frame, each block is a graph",
@@ -819,7 +823,7 @@ _ROWS = [
         _k6_inputs, Schedule.T1000_DESC, ("visual_transformer_blocks",), 32, 7,
         side_lists=("video_text_transformer_blocks", "audio_text_transformer_blocks")),
     ModelSpec("temporal", "TransformerTemporalModel", dict(**_H, in_channels=4, out_channels=4, num_layers=3, norm_num_groups=4),
-        _temporal_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 0),
+        _temporal_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 0, reads_timestep=False),
 ]
 
 # The whole zoo (issue 16: every diffusers DiT class we can build tiny); MODELS is the 22-row core that the

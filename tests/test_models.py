@@ -131,7 +131,7 @@ def test_single_graph_fact(name):
 # --- the zoo through the backend (issue 16): every row's status, as the README's Models table states it ------
 
 EXACT = dict(Fn=1, Bn=1, threshold=0.0, warmup_steps=0, inner="eager")
-LOOSE = dict(threshold=0.9, warmup_steps=2)  # per-request settings: cache as soon as the diff allows
+LOOSE = dict(threshold=1.5, warmup_steps=2)  # per-request; random-init diffs reach 1.2 (NucleusMoE)
 
 
 def _chain(spec: ModelSpec) -> str:
@@ -169,7 +169,7 @@ def test_zoo_status(name):
     (graph,) = [g for g in cached_graphs if g.chain == _chain(spec)] or [None]
     assert graph is not None, f"{name}: expected the chain {_chain(spec)}\n{report}"
     assert stats and stats[-1].source == "explicit" and stats[-1].num_cached_steps > 0, report
-    if spec.single_graph_when_warm:
+    if spec.single_graph_when_warm and spec.reads_timestep:
         assert len(_graphs(model)) == 1 and graph.layout.timestep is not None, report
     else:
         assert "timestep input: none (caches only inside cachedit.request)" in report, report
