@@ -257,6 +257,18 @@ def insert_step_cache_gate(
         seg_carried.append([n for n in coming if n in in_chain_block and isinstance(n.meta.get("example_value"), torch.Tensor)])
         later = {*names[k + 1 :], "tail", "output"}
         seg_out.append(list(dict.fromkeys(n for dst in later for n in needs[dst] if part[n] == name)))
+        # A stream with blocks of its own outside the chain (Flux.3's text mode blocks run before the chain)
+        # enters without depending on a chain block; the segment still changes it, so it is carried.
+        for out in seg_out[-1]:
+            if not any(shape_key(c) == shape_key(out) for c in seg_carried[-1]):
+                promoted = [
+                    n
+                    for n in coming
+                    if n not in seg_carried[-1] and isinstance(n.meta.get("example_value"), torch.Tensor)
+                    and shape_key(n) == shape_key(out)
+                ]
+                if len(promoted) == 1:
+                    seg_carried[-1].append(promoted[0])
     carried = seg_carried[0]
     invariants = [n for n in middle_in if n not in carried]  # and the sizes (SymInts) the middle reads
     middle_out = [n for outs in seg_out for n in outs if any(part[u] in ("tail", "output") for u in n.users)]
