@@ -541,6 +541,9 @@ def _k6_inputs(g, batch):
     return {"hidden_states": _randn(g, batch, 2, 8, 8, 4), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
             "pooled_projections": _randn(g, batch, 16), "visual_rope_pos": [torch.arange(2), torch.arange(4), torch.arange(4)]}
 
+def _k6sr_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 2, 8, 8, 9)}
+
 def _temporal_inputs(g, batch):
     return {"hidden_states": _randn(g, batch * 2, 4, 4, 4), "num_frames": 2}
 
@@ -822,6 +825,9 @@ _ROWS = [
     ModelSpec("kandinsky6", "Kandinsky6Transformer3DModel", dict(in_visual_dim=4, out_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=16, time_dim=HIDDEN, model_dim=HIDDEN, ff_dim=64, num_text_blocks=2, num_visual_blocks=3, axes_dims=(4, 6, 6), visual_cond=False),
         _k6_inputs, Schedule.T1000_DESC, ("visual_transformer_blocks",), 32, 7,
         side_lists=("video_text_transformer_blocks", "audio_text_transformer_blocks")),
+    # Flex attention: its mask is built under vmap inside every block (the split keeps each vmap level whole).
+    ModelSpec("kandinsky6sr", "Kandinsky6SRTransformer3DModel", dict(in_visual_dim=4, out_visual_dim=9, time_dim=HIDDEN, model_dim=HIDDEN, ff_dim=64, num_visual_blocks=3, axes_dims=(4, 6, 6)),
+        _k6sr_inputs, Schedule.T1000_DESC, ("visual_transformer_blocks",), 128, 0),
     ModelSpec("temporal", "TransformerTemporalModel", dict(**_H, in_channels=4, out_channels=4, num_layers=3, norm_num_groups=4),
         _temporal_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 0, reads_timestep=False),
 ]

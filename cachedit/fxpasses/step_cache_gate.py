@@ -232,8 +232,10 @@ def insert_step_cache_gate(
         if pos < cut_a:
             part[node] = "head"
         elif pos < cut_b:
-            middle_dep = (block is not None and fn <= block < n_blocks - bn) or any(
-                a in in_middle_block for a in node.all_input_nodes
+            middle_dep = (
+                (block is not None and fn <= block < n_blocks - bn)
+                or any(a in in_middle_block for a in node.all_input_nodes)
+                or _side_effect(node)  # keeps its place: e.g. the end of a vmap the middle began
             )
             if middle_dep:
                 in_middle_block.add(node)
@@ -399,6 +401,17 @@ def insert_step_cache_gate(
     result.graph.lint()
     result.recompile()
     return result, layout
+
+
+def _side_effect(node: torch.fx.Node) -> bool:
+    """A node that changes global state (grad mode, functorch's vmap level) rather than computing a value.
+
+    Such a node must run where it stands: hoisted out of the middle it would pair with nothing (a vmap
+    level left open, Kandinsky 6 SR's flex-attention masks) or run on cached steps that skip its partner.
+    torch 2.13 lists grad-mode and jvp-level calls as side-effectful, but not the vmap level calls.
+    """
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and (node.is_impure() or name.endswith(("_increment_nesting", "_decrement_nesting")))
 
 
 def _first_parameter(placeholders: list[torch.fx.Node]) -> torch.fx.Node:
