@@ -165,6 +165,13 @@ def find_request_inputs(
             ancestors.add(node)
             frontier += node.all_input_nodes
     by_size = sorted(user, key=lambda n: -_numel_hint(n.meta["example_value"]))
+    # The model predicts something shaped like its latent: an input of the output's shape comes first, so a
+    # condition larger than the latent (MiniMax Music 3's 2048-wide condition) is not taken for it.
+    (output,) = gm.graph.find_nodes(op="output")
+    returned: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(output.args[0], returned.append)
+    out_key = shape_key(returned[0]) if returned else None
+    by_size.sort(key=lambda n: out_key is None or shape_key(n) != out_key)  # stable: sizes order the rest
     latent = next((n for n in by_size if n in ancestors), None)
     # Batched embeddings ([B, L, D]) first: a 2-d input can be a position table the pipeline also makes
     # once per generation, but the text embedding is what differs between two requests.
