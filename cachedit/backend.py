@@ -40,11 +40,11 @@ from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import to_fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from cachedit.config import CacheditConfig, CachePolicy, CompileMode, Inner
+from cachedit.config import BlockLists, CacheditConfig, CachePolicy, CompileMode, Inner
 from cachedit.fxpasses.block_chain import NoChain, find_block_chain
 from cachedit.fxpasses.step_cache_gate import insert_step_cache_gate
 from cachedit.runtime import registry
-from cachedit.runtime.step_cache import Gate, Reuse, StepCache
+from cachedit.runtime.step_cache import Gate, ListCache, Reuse, StepCache
 
 log = logging.getLogger("cachedit")
 
@@ -83,6 +83,55 @@ class CompiledPart(torch.nn.Module):
 # outputs, and only those, are cloned as they leave the part; ``CompiledPart.stored`` lists them. The
 # gate and the reuse node are plain Python between the parts, so CUDA graphs see no graph break of ours
 # beyond the part boundaries. Without CUDA graphs nothing is copied.
+
+
+def _compile_parts(top: torch.fx.GraphModule, layout, inner: Callable, graph_inputs: dict[str, Any], cudagraphs: bool) -> None:
+    """Compile every part of a split with the inner compiler; a tail that is the split of a later block
+    list (``block_lists="separate"``) has its own parts compiled in turn."""
+    # What the runtime keeps past a step (Note [Stored outputs under CUDA graphs]).
+    outputs = lambda name: len(getattr(top, name).graph.find_nodes(op="output")[0].args[0])  # noqa: E731
+    stored = {s.part: tuple(range(len(s.residual_of), outputs(s.part))) for s in layout.segments}
+    stored = {"head": (outputs("head") - 1,), **stored} if cudagraphs else {}
+    for name in ("head", *(s.part for s in layout.segments), "tail"):
+        part = getattr(top, name, None)
+        nested = getattr(part, "cachedit_layout", None)
+        if nested is not None:
+            _compile_parts(part, nested, inner, graph_inputs, cudagraphs)
+        elif part is not None:
+            compiled = inner(part, _example_inputs(part, graph_inputs))
+            setattr(top, name, CompiledPart(part, compiled, stored.get(name, ())))
+
+
+def _split_later_lists(top: torch.fx.GraphModule, leader: StepCache, base: CacheditConfig) -> list:
+    """Split each block list after the first inside the tail before it (Note [Block lists]); returns
+    ``(list path, layout)`` per list split. A list the split cannot take stays in its tail, uncached."""
+    found = []
+    while getattr(top, "tail", None) is not None:
+        tail = top.tail
+        try:
+            chain = find_block_chain(tail)
+            path = chain.list_paths[0]
+            config = base.replace(**base.list_settings.for_list(path))
+            lists = ListCache(leader, path, config)
+            lists.copy_inputs = leader.copy_inputs
+            sub, layout = insert_step_cache_gate(
+                tail,
+                chain.only(path),
+                config.Fn,
+                config.Bn,
+                lambda layout: Gate(lists),
+                lambda layout, k: Reuse(lists, k, layout.segments[k]),
+            )
+        except NoChain as reason:
+            if not found:
+                log.warning(f"cachedit: block_lists='separate' found no second block list to cache after the first: {reason}")
+            break
+        lists.parts = len(layout.segments)
+        sub.cachedit_layout = layout
+        top.tail = sub
+        found.append((path, layout))
+        top = sub
+    return found
 
 
 def _example_inputs(part: torch.fx.GraphModule, graph_inputs: dict[str, Any]) -> list[Any]:
@@ -156,7 +205,11 @@ def cachedit_backend(
         chain = find_block_chain(gm)
         record.chain, record.lists = chain.describe(), chain.lists
         # Graphs of one model with the same split share its requests (Note [Requests and branches]).
-        split = (config.Fn, config.Bn, chain.describe())
+        separate = config.block_lists is BlockLists.SEPARATE
+        if separate:  # the first list is cut by its own Fn/Bn (Note [Block lists])
+            base, chain = config, chain.only(chain.list_paths[0])
+            config = config.replace(**config.list_settings.for_list(chain.list_paths[0]))
+        split = (config.Fn, config.Bn, chain.describe(), config.block_lists)
         per_block = config.policy is CachePolicy.DBPRUNE
         cache = StepCache(config, split + (per_block,), on_new_owner=lambda param: registry.register([param], record))
         if mesh is not None:
@@ -172,6 +225,8 @@ def cachedit_backend(
             record.config = config
             top, layout = insert_step_cache_gate(*split_args)
         cache.parts, cache.per_block, cache.copy_inputs = len(layout.segments), layout.per_block, cudagraphs
+        if separate:
+            record.list_layouts = _split_later_lists(top, cache, base)
     except NoChain as reason:
         block = _regional_block()
         if block is not None:
@@ -183,16 +238,7 @@ def cachedit_backend(
         log.debug("cachedit: pass failed", exc_info=True)
         return uncached(f"the step-cache split failed ({type(err).__name__}: {err})")
     record.layout, record.cache = layout, cache
-    graph_inputs = _graph_inputs(gm, example_inputs)
-    # What the runtime keeps past a step (Note [Stored outputs under CUDA graphs]).
-    outputs = lambda name: len(getattr(top, name).graph.find_nodes(op="output")[0].args[0])  # noqa: E731
-    stored = {s.part: tuple(range(len(s.residual_of), outputs(s.part))) for s in layout.segments}
-    stored = {"head": (outputs("head") - 1,), **stored} if cudagraphs else {}
-    for name in ("head", *(s.part for s in layout.segments), "tail"):
-        part = getattr(top, name, None)
-        if part is not None:
-            compiled = inner(part, _example_inputs(part, graph_inputs))
-            setattr(top, name, CompiledPart(part, compiled, stored.get(name, ())))
+    _compile_parts(top, layout, inner, _graph_inputs(gm, example_inputs), cudagraphs)
     top.cachedit_record = record  # the top module owns the record (the registry holds it weakly)
     record.module = weakref.ref(top)
     record.compile_seconds = time.perf_counter() - start

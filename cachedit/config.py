@@ -65,6 +65,30 @@ class InductorOptions:
         return bool(self.items)
 
 
+@dataclasses.dataclass(frozen=True)
+class ListSettings:
+    """Per block list settings under ``block_lists="separate"``, e.g. ``{"single_transformer_blocks": {"Fn": 2}}``.
+
+    Each list's decisions use the request's settings with its entry on top (hashable, so the config stays
+    frozen). Keys of an entry: ``Fn``, ``Bn`` and the per-request settings except ``cfg`` and ``policy``.
+    """
+
+    items: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def for_list(self, path: str) -> dict[str, Any]:
+        return dict(dict(self.items).get(path, ()))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class BlockLists(str, enum.Enum):
+    """How a chain of several block lists (FLUX.1's double then single blocks) is cached."""
+
+    JOINED = "joined"  # one state over the lists concatenated (cache-dit's default for FLUX.1)
+    SEPARATE = "separate"  # one state per list, each with its own Fn/Bn, threshold and history (FLUX.2 style)
+
+
 class LogLevel(str, enum.Enum):
     DEBUG = "debug"
     INFO = "info"
@@ -145,6 +169,8 @@ class CacheditConfig:
     policy: CachePolicy = CachePolicy.DBCACHE
     prune_threshold: float = 0.08
     non_prune_blocks: str = ""  # chain positions DBPrune never prunes, "3,7" (a list of ints is accepted)
+    block_lists: BlockLists = BlockLists.JOINED
+    list_settings: ListSettings = ListSettings()  # options={"list_settings": {...}}; CACHEDIT_LIST_SETTINGS as JSON
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -157,6 +183,11 @@ class CacheditConfig:
                 raise ValueError(
                     f"budget={self.budget} counts computed steps, which policy='dbprune' does not have (it decides per "
                     "block); use budget with policy='dbcache', or scm / prune_threshold with dbprune"
+                )
+            if self.block_lists is BlockLists.SEPARATE:
+                raise ValueError(
+                    "block_lists='separate' gives each block list a DBCache state of its own; policy='dbprune' "
+                    "decides per block already: use one of them"
                 )
             if self.max_accumulated_residual_diff_threshold > 0:
                 raise ValueError(
@@ -304,6 +335,8 @@ def _coerce(name: str, value: Any, typ: Any, source: str, where: str = "") -> An
             raise ValueError(f"{said} is not accepted; expected one of {accepted}") from None
     if typ is InductorOptions:
         return _inductor_options(value, source)
+    if typ is ListSettings:
+        return _list_settings(value, source, where)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -325,6 +358,50 @@ def _coerce(name: str, value: Any, typ: Any, source: str, where: str = "") -> An
         except ValueError:
             raise ValueError(f"{said} is not a number; expected a number, e.g. {example}") from None
     raise AssertionError(f"field {name} has unsupported type {typ!r}")
+
+
+_LIST_KEYS = (  # what a block list may set for itself under block_lists="separate"
+    "Fn",
+    "Bn",
+    "threshold",
+    "warmup_steps",
+    "warmup_interval",
+    "max_cached_steps",
+    "max_continuous_cached_steps",
+    "scm",
+    "scm_policy",
+    "calibrator",
+    "taylorseer_order",
+    "dmd_history",
+    "max_accumulated_residual_diff_threshold",
+    "budget",
+)
+
+
+def _list_settings(value: Any, source: str, where: str) -> ListSettings:
+    """A mapping (or its JSON text) of block list paths to mappings of settings for that list."""
+    if isinstance(value, ListSettings):
+        return value
+    said = f"{where} {source}".lstrip()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as err:
+            raise ValueError(f"{said}={value!r} is not JSON ({err}); expected e.g. '{{\"single_transformer_blocks\": {{\"Fn\": 2}}}}'") from None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, Mapping) for k, v in value.items()):
+        raise ValueError(
+            f"{said}={value!r} is not a mapping of block list paths to settings; expected e.g. "
+            '{"single_transformer_blocks": {"Fn": 2, "threshold": 0.12}}'
+        )
+    items = []
+    for path, settings in sorted(value.items()):
+        checked = []
+        for key, v in sorted(settings.items()):
+            if key not in _LIST_KEYS:
+                raise ValueError(f"{said}[{path!r}] has {key!r}, which is not a per-list setting; accepted: {', '.join(_LIST_KEYS)}")
+            checked.append((key, _check_field(key, v, f"{source}[{path!r}][{key!r}]", where)))
+        items.append((path, tuple(checked)))
+    return ListSettings(tuple(items))
 
 
 def _inductor_options(value: Any, source: str) -> InductorOptions:

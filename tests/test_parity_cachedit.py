@@ -378,3 +378,41 @@ def test_dbprune_matches_cache_dit(cache_dit, options):
         assert mine == pytest.approx(list(diffs), rel=DIFF_RTOL), f"step {step}"
         assert all(abs(d - threshold) >= MARGIN for d in diffs), f"step {step}: a diff within {MARGIN} of τ"
     torch.testing.assert_close(latents, reference_latents, rtol=0, atol=LATENT_ATOL)
+
+
+# --- one state per block list --------------------------------------------------------------------------------------
+
+
+def test_separate_block_lists_match_cache_dit(cache_dit, monkeypatch):
+    """``block_lists="separate"``: each of FLUX.1's lists decides on its own, as cache-dit 1.5.3 does with
+    ``CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS=0``: the same cached steps and diffs per list, and the same latents."""
+    from cache_dit.envs import ENV
+
+    monkeypatch.setattr(ENV, "CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS", False)
+    options = dict(Fn=1, Bn=0, threshold=0.35, warmup_steps=4)
+    steps = 16
+    pipe = tiny_flux_pipeline(type("FluxPipeline", (FluxPipeline,), {}))
+    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(**{_REFERENCE_NAMES[k]: v for k, v in options.items()}))
+    reference_latents = generate(pipe, steps)
+    reference = {}
+    for entry in cache_dit.summary(pipe, logging=False):  # one per list (its summary may repeat an entry)
+        path = entry.cache_options["name"].rsplit("_", 1)[0]
+        reference.setdefault(path, entry)
+    assert set(reference) == {"transformer_blocks", "single_transformer_blocks"}
+
+    fresh_dynamo()
+    pipe = tiny_flux_pipeline()
+    cachedit.enable(pipe, inner="eager", cfg="batched", block_lists="separate", **options)
+    latents = generate(pipe, steps)
+    (record,) = cachedit.stats(pipe.transformer)
+    main = record.branches["main"]
+    ours = {"transformer_blocks": main, "single_transformer_blocks": main.lists["single_transformer_blocks"]}
+    assert ours["transformer_blocks"].cached_steps != ours["single_transformer_blocks"].cached_steps, "lists agree: no test"
+    for path, branch in ours.items():
+        assert branch.cached_steps == list(reference[path].cached_steps), path
+        diffs = {int(k): float(v) for k, v in reference[path].residual_diffs.items()}
+        assert branch.diffs.keys() == diffs.keys(), path
+        for step, diff in diffs.items():
+            assert branch.diffs[step] == pytest.approx(diff, rel=DIFF_RTOL), f"{path} step {step}"
+            assert abs(diff - options["threshold"]) >= MARGIN, f"{path} step {step}: diff within {MARGIN} of τ"
+    torch.testing.assert_close(latents, reference_latents, rtol=0, atol=LATENT_ATOL)

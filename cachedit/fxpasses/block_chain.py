@@ -108,6 +108,13 @@ class BlockChain:
     def list_paths(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(b.list_path for b in self.blocks))
 
+    def only(self, path: str) -> "BlockChain":
+        """The chain of one of its lists (``block_lists="separate"`` splits each list on its own)."""
+        keep = [i for i, b in enumerate(self.blocks) if b.list_path == path]
+        new = {old: k for k, old in enumerate(keep)}
+        block_of = {name: new[i] for name, i in self.block_of.items() if i in new}
+        return BlockChain(blocks=tuple(self.blocks[i] for i in keep), block_of=block_of, lists=self.lists)
+
     def describe(self) -> str:
         counts = {p: sum(b.list_path == p for b in self.blocks) for p in self.list_paths}
         return " -> ".join(f"{p}[{n}]" for p, n in counts.items())

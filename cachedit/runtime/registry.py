@@ -39,6 +39,7 @@ class CompiledGraph:
     parallel: str | None = None  # the context-parallel plan applied, or why it was declined
     compile_seconds: float = 0.0
     dynamic: str | None = None  # the graph inputs whose sizes are symbolic, and their symbols
+    list_layouts: list = dataclasses.field(default_factory=list)  # block_lists="separate": (path, layout) after the first
     order: int = dataclasses.field(default_factory=lambda: next(_order))
 
     def describe(self) -> str:
@@ -60,6 +61,9 @@ class CompiledGraph:
             lines.append(f"  context parallel: {self.parallel}")
         if self.layout is not None:
             lines += [f"  {line}" for line in self.layout.describe().splitlines()]
+        for path, layout in self.list_layouts:  # a later block list decides on its own (block_lists="separate")
+            split, carried = layout.describe().splitlines()[:2]
+            lines += [f"  block list {path}, its own state: {split}", f"    {carried}"]
         if self.declined:
             lines.append(f"  not step-cached: {self.declined}")
         if self.cache is not None:

@@ -89,6 +89,8 @@ class BranchStats:
     # policy="dbprune": per step, the chain positions of the pruned blocks and each decided block's diff
     pruned_blocks: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     block_diffs: dict[int, dict[int, float]] = dataclasses.field(default_factory=dict)
+    # block_lists="separate": the decisions of each later block list, by its path (this one's are the first list's)
+    lists: dict[str, "BranchStats"] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -148,6 +150,15 @@ class _Branch:
     prev_residual: torch.Tensor | None = None  # head residual of the last computed step
     kept: list[_Kept] = dataclasses.field(default_factory=list)  # per gated part
     pruned_now: list[int] = dataclasses.field(default_factory=list)  # dbprune: blocks pruned in this step
+    lists: dict[str, "_Branch"] = dataclasses.field(default_factory=dict)  # later block lists' own state
+
+    def list_branch(self, path: str) -> "_Branch":
+        """The state of block list ``path`` in this branch (block_lists="separate", Note [Block lists])."""
+        found = self.lists.get(path)
+        if found is None:
+            found = self.lists[path] = _Branch()
+            self.stats.lists[path] = found.stats
+        return found
 
     def part(self, k: int) -> _Kept:
         while len(self.kept) <= k:
@@ -156,12 +167,15 @@ class _Branch:
 
     def nbytes(self) -> int:
         head = self.prev_residual.numel() * self.prev_residual.element_size() if self.prev_residual is not None else 0
-        return head + sum(k.nbytes() for k in list(self.kept))
+        return head + sum(k.nbytes() for k in list(self.kept)) + sum(b.nbytes() for b in list(self.lists.values()))
 
-    def drop(self) -> None:
-        """Forget the buffers: the next step computes (``NO_PREVIOUS``)."""
+    def drop(self, lists: bool = True) -> None:
+        """Forget the buffers: the next step computes (``NO_PREVIOUS``). ``lists=False`` keeps the later block
+        lists' (their gates still decide this step, and drop their own)."""
         self.prev_residual, self.kept = None, []
         self.history.has_previous = False
+        for other in list(self.lists.values()) if lists else ():
+            other.drop()
 
 
 @dataclasses.dataclass(eq=False)
@@ -178,6 +192,7 @@ class _Request:
     latent: weakref.ref | None = None  # the latent input of the last call, and its version then
     latent_version: int = -1
     conditionings: list[weakref.ref] = dataclasses.field(default_factory=list)
+    list_plans: dict[str, tuple[CacheditConfig, policy.Plan]] = dataclasses.field(default_factory=dict)
     shape: tuple[int, ...] | None = None  # the head residual's shape (a new resolution is a new request)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -196,7 +211,8 @@ class _Request:
         """Restart the cache state at this step (Note [Forced refresh]); the stats keep counting."""
         for branch in self.branches:
             branch.drop()
-            branch.history = policy.BranchHistory()
+            for b in (branch, *branch.lists.values()):
+                b.history = policy.BranchHistory()
         self.origin = self.step
 
     def same_latent(self, latent: torch.Tensor | None) -> bool:
@@ -444,7 +460,13 @@ class StepCache:
         """
         tagged = rows.active(param)  # rows of several requests in one batch (runtime/rows.py)
         if tagged is not None:
+            _PLACED.set(None)
             return rows.gate(self, tagged, residual, timestep, param, latent, conditioning)
+        gated = self._gate(residual, timestep, param, latent, conditioning)
+        _PLACED.set((self, gated))  # for the gates of later block lists in this call (Note [Block lists])
+        return gated
+
+    def _gate(self, residual, timestep, param, latent, conditioning) -> tuple:
         state = self.state(param)
         now = time.monotonic()
         state.sweep(now)
@@ -645,7 +667,7 @@ class StepCache:
             self._record_pruned(req, branch)
         n = req.stats.num_inference_steps
         if n is not None and req.local_step + 1 >= n:
-            branch.drop()  # this branch's last step: nothing will reuse its buffers
+            branch.drop(lists=False)  # this branch's last step: nothing will reuse its buffers
         if not decision.cache:
             state.enforce_cap(req)
         return outs
@@ -716,6 +738,86 @@ def _add(inputs, residual_of, residuals, layouts) -> tuple[torch.Tensor, ...]:
         torch.add(inputs[j], r, out=torch.empty_strided(size, stride, dtype=r.dtype, device=r.device))
         for j, r, (size, stride) in zip(residual_of, residuals, layouts)
     )
+
+
+# Note [Block lists]
+# ~~~~~~~~~~~~~~~~~~
+# With ``block_lists="separate"`` each block list of the chain (FLUX.1: double, then single blocks), and
+# each list that follows it in a graph of its own making (FLUX.2's single blocks, which take the joined
+# stream), is cut into head | middle | tail by its own ``Fn``/``Bn`` (``list_settings``) and gets a gate of
+# its own: its decision compares its own head residual with its own last computed step, under its own
+# settings, history and buffers. The first list's gate places the call in its request, step and CFG
+# branch as always; a later list's gate (``ListCache``) takes that placement from this context
+# (``_PLACED``: the later gates run in the same forward, right after) and keeps its state in the branch
+# (``_Branch.lists``), so requests, branches, refreshes and the end of a request apply to every list at
+# once. Each later list reads its own diff: one more host read per step and list, since its head
+# residual exists only after the earlier list's tail ran. Stats: ``BranchStats.lists[path]``.
+_PLACED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("cachedit_placed", default=None)
+
+
+class _ListView:
+    """A request as one later block list sees it: its own settings and plan, its own state per branch."""
+
+    def __init__(self, req: _Request, path: str, config: CacheditConfig, plan: policy.Plan):
+        self.req, self.path, self.config, self.plan = req, path, config, plan
+
+    step = property(lambda self: self.req.step)
+    local_step = property(lambda self: self.req.local_step)
+    origin = property(lambda self: self.req.origin)
+    stats = property(lambda self: self.req.stats)
+    branches = property(lambda self: [b.list_branch(self.path) for b in self.req.branches])
+
+
+class ListCache(StepCache):
+    """The gate of a later block list under ``block_lists="separate"`` (Note [Block lists])."""
+
+    def __init__(self, leader: StepCache, path: str, config: CacheditConfig):
+        """``config``: the compile-time settings with this list's ``list_settings`` on top."""
+        super().__init__(config)
+        self.leader, self.path = leader, path
+
+    @property
+    def reduce_sums(self):  # the leader's, set by the backend under context parallelism
+        return self.leader.reduce_sums
+
+    @reduce_sums.setter
+    def reduce_sums(self, value) -> None:
+        pass
+
+    def gate(self, residual, timestep=None, param=None, latent=None, conditioning=None) -> tuple:
+        placed = _PLACED.get()
+        if placed is None or placed[0] is not self.leader:
+            raise RuntimeError(
+                f"block list {self.path} decides after the first list of the same call, which did not run through "
+                "its gate here (cachedit.rows does not take block_lists='separate'); compile with block_lists='joined'"
+            )
+        lead, branch, req, state, _ = placed[1]
+        own = branch.list_branch(self.path)
+        view = self._view(req)
+        if lead.reason is policy.Reason.UNKNOWN_REQUEST:
+            decision = policy.Decision(policy.Action.COMPUTE, policy.Reason.UNKNOWN_REQUEST, req.step)
+            self.decided(view, own, decision, residual)
+            return decision, own, view, state, None
+        sums, prev, step = None, own.prev_residual, view.local_step
+        if (
+            prev is not None
+            and prev.shape == residual.shape
+            and _borrowed_diff(view, own, req.step) is None
+            and policy.needs_diff(view.plan, own.history, step)
+        ):
+            found = torch.ops.cachedit.residual_diff(prev, residual)
+            if self.reduce_sums is not None:
+                found = self.reduce_sums(found)
+            sums = tuple(found.tolist())  # this list's own host read
+        decision, cached = self.decide(view, own, sums, residual)
+        return decision, own, view, state, cached
+
+    def _view(self, req: _Request) -> _ListView:
+        found = req.list_plans.get(self.path)
+        if found is None:
+            config = self.config.for_request(req.stats.settings)  # the list's settings, then the request's
+            found = req.list_plans[self.path] = (config, policy.plan(config, req.stats.num_inference_steps))
+        return _ListView(req, self.path, *found)
 
 
 class Gate(torch.nn.Module):
