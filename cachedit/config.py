@@ -70,7 +70,8 @@ class ListSettings:
     """Per block list settings under ``block_lists="separate"``, e.g. ``{"single_transformer_blocks": {"Fn": 2}}``.
 
     Each list's decisions use the request's settings with its entry on top (hashable, so the config stays
-    frozen). Keys of an entry: ``Fn``, ``Bn`` and the per-request settings except ``cfg`` and ``policy``.
+    frozen). Keys of an entry: ``Fn``, ``Bn`` and the per-request settings, except those that place a call
+    or choose the policy (``_NOT_PER_LIST``).
     """
 
     items: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
@@ -360,22 +361,8 @@ def _coerce(name: str, value: Any, typ: Any, source: str, where: str = "") -> An
     raise AssertionError(f"field {name} has unsupported type {typ!r}")
 
 
-_LIST_KEYS = (  # what a block list may set for itself under block_lists="separate"
-    "Fn",
-    "Bn",
-    "threshold",
-    "warmup_steps",
-    "warmup_interval",
-    "max_cached_steps",
-    "max_continuous_cached_steps",
-    "scm",
-    "scm_policy",
-    "calibrator",
-    "taylorseer_order",
-    "dmd_history",
-    "max_accumulated_residual_diff_threshold",
-    "budget",
-)
+# Per-request settings a block list may not set for itself: they place a call or choose the policy.
+_NOT_PER_LIST = ("cfg", "policy", "prune_threshold", "non_prune_blocks", "force_refresh_step_hint", "force_refresh_step_policy")
 
 
 def _list_settings(value: Any, source: str, where: str) -> ListSettings:
@@ -393,12 +380,13 @@ def _list_settings(value: Any, source: str, where: str) -> ListSettings:
             f"{said}={value!r} is not a mapping of block list paths to settings; expected e.g. "
             '{"single_transformer_blocks": {"Fn": 2, "threshold": 0.12}}'
         )
+    accepted = ("Fn", "Bn") + tuple(k for k in REQUEST_SETTINGS if k not in _NOT_PER_LIST)
     items = []
     for path, settings in sorted(value.items()):
         checked = []
         for key, v in sorted(settings.items()):
-            if key not in _LIST_KEYS:
-                raise ValueError(f"{said}[{path!r}] has {key!r}, which is not a per-list setting; accepted: {', '.join(_LIST_KEYS)}")
+            if key not in accepted:
+                raise ValueError(f"{said}[{path!r}] has {key!r}, which is not a per-list setting; accepted: {', '.join(accepted)}")
             checked.append((key, _check_field(key, v, f"{source}[{path!r}][{key!r}]", where)))
         items.append((path, tuple(checked)))
     return ListSettings(tuple(items))
