@@ -227,6 +227,7 @@ def cachedit_backend(
         cache.parts, cache.per_block, cache.copy_inputs = len(layout.segments), layout.per_block, cudagraphs
         if separate:
             record.list_layouts = _split_later_lists(top, cache, base)
+            cache.has_later_lists = bool(record.list_layouts)
     except NoChain as reason:
         block = _regional_block()
         if block is not None:

@@ -396,6 +396,7 @@ class StepCache:
         self.reduce_sums = None  # set under context parallelism: sums a tensor over every rank
         self.parts = 1  # gated parts per call: 1, or one per middle block (per-block split)
         self.per_block = False  # the split has one gated part per middle block (policy="dbprune" works)
+        self.has_later_lists = False  # block_lists="separate" found lists after the first (Note [Block lists])
         self.copy_inputs = False  # dbprune keeps block inputs past the step: copy them out of CUDA graph pools
 
     # -- state ------------------------------------------------------------------------------------
@@ -460,10 +461,12 @@ class StepCache:
         """
         tagged = rows.active(param)  # rows of several requests in one batch (runtime/rows.py)
         if tagged is not None:
-            _PLACED.set(None)
+            if self.has_later_lists:
+                _PLACED.set(None)
             return rows.gate(self, tagged, residual, timestep, param, latent, conditioning)
         gated = self._gate(residual, timestep, param, latent, conditioning)
-        _PLACED.set((self, gated))  # for the gates of later block lists in this call (Note [Block lists])
+        if self.has_later_lists:  # for the gates of later block lists in this call (Note [Block lists])
+            _PLACED.set((self, *gated[:4]))  # not the cached residuals: the context outlives the request
         return gated
 
     def _gate(self, residual, timestep, param, latent, conditioning) -> tuple:
@@ -791,7 +794,7 @@ class ListCache(StepCache):
                 f"block list {self.path} decides after the first list of the same call, which did not run through "
                 "its gate here (cachedit.rows does not take block_lists='separate'); compile with block_lists='joined'"
             )
-        lead, branch, req, state, _ = placed[1]
+        _, lead, branch, req, state = placed
         own = branch.list_branch(self.path)
         view = self._view(req)
         if lead.reason is policy.Reason.UNKNOWN_REQUEST:
