@@ -446,7 +446,8 @@ def _main(args, setup: Setup, cache_dir: str | None) -> dict:
         f"`{setup.compiler}`; cache-dit "
         f"{cache_dit.__version__}, diffusers {diffusers.__version__}. Compile times are "
         f"{'warm (existing Inductor cache)' if args.warm_cache else 'cold (a fresh Inductor cache directory)'}. "
-        f"Peak RSS: a separate process per system (build, compile, one generation). Final latents, max |Δ| vs "
+        f"{'' if args.no_rss else 'Peak RSS: a separate process per system (build, compile, one generation). '}"
+        f"Final latents, max |Δ| vs "
         f"cachedit: {agree or 'n/a'}. Total {(time.perf_counter() - started) / 60:.1f} min."
     )
     text = intro + "\n\n" + body
