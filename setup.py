@@ -42,6 +42,9 @@ setup(
         "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1", "prometheus-client>=0.20,<1"],
         # Config files: CACHEDIT_CONFIG=path.yaml or options={"config": "path.yaml"}.
         "yaml": ["PyYAML>=6,<7"],
+        # benchmarks/front.py's plot (checked with matplotlib 3.11.2); benchmarks/front.py and
+        # benchmarks/vs_cache_dit.py also need cache-dit, from the `test` extra.
+        "bench": ["matplotlib>=3.8,<4"],
     },
     entry_points={
         "torch_dynamo_backends": ["cachedit = cachedit.backend:cachedit_backend"],

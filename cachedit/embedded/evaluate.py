@@ -18,30 +18,44 @@ from cachedit.embedded import data
 ATTRIBUTES = ("color", "shape", "position", "background")
 
 
-def prompt_following(pipe, n: int = 60, steps: int = 28, guidance_scale: float = 4.0, seed: int = 1234,
-                     batch_size: int = 30) -> dict[str, float]:
-    """Agreement rates in [0, 1]: per attribute, over all colour/shape/position checks, and per sample."""
+def scenes(n: int, seed: int = 1234) -> list[data.Scene]:
+    """The ``n`` scenes (captions with known attributes) a seed draws, in order."""
     scene_gen = torch.Generator().manual_seed(seed)
-    scenes = [data.random_scene(scene_gen) for _ in range(n)]
+    return [data.random_scene(scene_gen) for _ in range(n)]
+
+
+def agreement(drawn: list[data.Scene], images) -> dict[str, float]:
+    """Agreement rates in [0, 1] of ``images`` ([3, H, W] in [0, 1], one per scene) with their scenes."""
     hits = {a: 0 for a in (*ATTRIBUTES, "all")}
-    for start in range(0, n, batch_size):
-        chunk = scenes[start : start + batch_size]
-        images = pipe(
-            [s.caption for s in chunk],
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator().manual_seed(seed + start),
-            output_type="pt",
-        ).images  # [B, 3, H, W] in [0, 1]
-        for scene, image in zip(chunk, images):
-            read = data.read_scene(image)
-            ok = {a: read[a] == getattr(scene, a) for a in ATTRIBUTES}
-            ok["all"] = ok["color"] and ok["shape"] and ok["position"]
-            for a, v in ok.items():
-                hits[a] += int(v)
+    for scene, image in zip(drawn, images, strict=True):
+        read = data.read_scene(image)
+        ok = {a: read[a] == getattr(scene, a) for a in ATTRIBUTES}
+        ok["all"] = ok["color"] and ok["shape"] and ok["position"]
+        for a, v in ok.items():
+            hits[a] += int(v)
+    n = len(drawn)
     rates = {a: h / n for a, h in hits.items()}
     rates["checks"] = (hits["color"] + hits["shape"] + hits["position"]) / (3 * n)
     return rates
+
+
+def prompt_following(pipe, n: int = 60, steps: int = 28, guidance_scale: float = 4.0, seed: int = 1234,
+                     batch_size: int = 30) -> dict[str, float]:
+    """Agreement rates in [0, 1]: per attribute, over all colour/shape/position checks, and per sample."""
+    drawn = scenes(n, seed)
+    images = []
+    for start in range(0, n, batch_size):
+        chunk = drawn[start : start + batch_size]
+        images.extend(
+            pipe(
+                [s.caption for s in chunk],
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=torch.Generator().manual_seed(seed + start),
+                output_type="pt",
+            ).images  # [B, 3, H, W] in [0, 1]
+        )
+    return agreement(drawn, images)
 
 
 def main(argv: list[str] | None = None) -> None:
