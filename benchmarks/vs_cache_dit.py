@@ -14,8 +14,8 @@ same weights:
                       leaves the graph);
   cachedit            ``cachedit.enable(pipe, scm=mask, scm_policy="static", cfg="batched")`` (Inductor inside;
                       ``cfg="batched"`` is cache-dit's ``enable_separate_cfg=False``: FluxPipeline without true
-                      CFG makes one call per step. With the default ``cfg="auto"`` cachedit reads the timestep
-                      on every step to pair CFG calls: one host read per step even where the mask decides).
+                      CFG makes one call per step. The default ``cfg="auto"`` reads nothing more: inside a
+                      request it pairs CFG calls by their latent, so a step the mask decides reads nothing).
 
 ``torch.set_float32_matmul_precision("high")`` (cache-dit's CLI sets it) holds for all systems. The
 systems compile in this order, cache-dit's last, because ``set_compile_configs`` changes Inductor's

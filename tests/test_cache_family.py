@@ -104,3 +104,17 @@ def test_a_mask_needs_the_step_count():
     with pytest.raises(ValueError, match="scm='fast' needs the request's step count"):
         with cachedit.request(model, scm="fast"):
             pass
+
+
+def test_a_static_mask_reads_nothing_from_the_device_in_an_explicit_request(monkeypatch):
+    """Every step decided by the mask: no diff is needed, and an explicit request with a latent signal pairs
+    CFG calls by the latent, not the timestep, so no step syncs with the device (default cfg "auto")."""
+    _, fast = compile_fresh(threshold=0.4, warmup_steps=2, cfg="auto")
+    Request(1, timesteps(3), explicit=True).run(fast)  # compile outside the count
+    reads = []
+    for name in ("tolist", "item"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: reads.append(_n) or _f(self, *a))
+    Request(2, timesteps(9), explicit=True, settings={"scm": "110100101", "scm_policy": "static"}).run(fast)
+    Request(3, timesteps(9), explicit=True, settings={"scm": "110100101"}).run(fast)  # dynamic: 0 bits read a diff
+    assert len(reads) == 4, reads  # the dynamic mask's four 0 bits, one read each

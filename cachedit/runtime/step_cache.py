@@ -481,7 +481,9 @@ class StepCache:
             req = state.explicit.get(token.id) if token is not None else state.detected.get(context)
         config = req.config if req is not None else self.config.for_request(token.settings if token else {})
         same_step = req is not None and req.step >= 0 and config.cfg is not CfgMode.BATCHED and req.same_latent(latent)
-        read_t = timestep is not None and (token is None or config.cfg is not CfgMode.BATCHED)
+        # An explicit request needs the timestep only to pair CFG calls without a latent signal: with one, a
+        # step that needs no diff (a mask's static step, warmup) reads nothing from the device.
+        read_t = timestep is not None and (token is None or (config.cfg is not CfgMode.BATCHED and latent is None))
         t, sums = self._read(req, config, residual, timestep if read_t else None, latent, same_step)
 
         if token is not None:
