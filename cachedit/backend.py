@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import sys
 import time
 import types
 import weakref
@@ -41,9 +40,10 @@ from torch._dynamo.utils import to_fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 from cachedit.config import CacheditConfig, CompileMode, Inner
-from cachedit.fxpasses.block_chain import NoChain, find_block_chain
+from cachedit.fxpasses.block_chain import NoChain, find_block_chain, is_static_input
+from cachedit.fxpasses.block_graph import NotABlock, analyse_block_graph
 from cachedit.fxpasses.step_cache_gate import insert_step_cache_gate
-from cachedit.runtime import registry
+from cachedit.runtime import per_block, registry
 from cachedit.runtime.step_cache import Gate, Reuse, StepCache
 
 log = logging.getLogger("cachedit")
@@ -147,6 +147,11 @@ def cachedit_backend(
 
     if config.disable:
         return uncached("disabled by configuration (CACHEDIT_DISABLE / disable=True)")
+    # -- per-block path (issue 16): a graph of one block of a model's block list (Note [Per-block path]) --
+    site = _block_site(gm, example_inputs)
+    if site is not None:
+        return _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, uncached, start)
+    # -- end per-block path --
     # -- context parallelism (issue 3): shard the chain before the split (Note [Attention rewrite]) --
     mesh = None
     if config.ulysses * config.ring > 1:
@@ -169,11 +174,6 @@ def cachedit_backend(
             make_reuse=lambda layout: Reuse(cache, layout.residual_of),
         )
     except NoChain as reason:
-        block = _regional_block()
-        if block is not None:
-            _advise_whole_model()
-            reason = f"one {block} block (regional compilation): caching needs the whole transformer in one graph"
-            return uncached(reason, logging.DEBUG)  # the advice above is said once, not per block
         return uncached(str(reason))
     except Exception as err:  # a pass failed on a graph we did not foresee: never break the user's compile
         log.debug("cachedit: pass failed", exc_info=True)
@@ -221,43 +221,52 @@ class CacheditOptionError(*_PASS_THROUGH, ValueError, TypeError):
             super().__init__(message)
 
 
-def _regional_block() -> str | None:
-    """The class name when Dynamo is compiling one repeated block of a diffusers model by itself.
+# -- per-block path (issue 16) -----------------------------------------------------------------------------
 
-    That is what ``ModelMixin.compile_repeated_blocks`` does: it compiles each class named in the model's
-    ``_repeated_blocks`` on its own, so the code Dynamo traces first is that class's ``forward``.
-    diffusers is only looked at when the user has already imported it.
-    """
+
+def _block_site(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+    """``(ModelBlocks, (list path, index))`` when every parameter of ``gm`` belongs to one block of a model
+    that is calling it (Note [Per-block path]); None otherwise (the whole-graph path)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    params = [v for n, v in zip(placeholders, example_inputs) if is_static_input(n) and isinstance(v, torch.Tensor)]
+    if not params:
+        return None
+    site = per_block.find_block(params[0])
+    if site is None or any(site[0].key_of(p) != site[1] for p in params):
+        return None
+    return site
+
+
+def _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, uncached, start) -> Callable:
+    """Compile one block's graph whole and wrap it in a ``BlockRunner`` (Note [Per-block path])."""
+    blocks, key = site
+    module = blocks.module(key)
+    name = type(module).__name__
     context = torch._guards.TracingContext.try_get()
-    diffusers = sys.modules.get("diffusers")
-    if context is None or not context.traced_code or diffusers is None:
-        return None
-    code = context.traced_code[0]
-    if code.co_name != "forward":
-        return None
-    models, names = [diffusers.ModelMixin], set()
-    while models:
-        cls = models.pop()
-        names.update(getattr(cls, "_repeated_blocks", None) or ())
-        models.extend(cls.__subclasses__())
-    for module in [m for k, m in list(sys.modules.items()) if k.startswith("diffusers.models")]:
-        for name in names:
-            forward = getattr(getattr(module, name, None), "forward", None)
-            if getattr(forward, "__code__", None) is code:
-                return name
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _advise_whole_model() -> None:
-    """Said once per process, however many blocks are compiled alone."""
-    log.warning(
-        "cachedit: a transformer block was compiled on its own (regional compilation, e.g. "
-        "transformer.compile_repeated_blocks(backend='cachedit')). Step caching decides around the whole chain "
-        "of blocks, which one block's graph does not hold, so the blocks run compiled but uncached. To cache, "
-        "compile the whole transformer: torch.compile(transformer, backend='cachedit') or cachedit.enable(pipe); "
-        "Inductor's on-disk cache makes later compiles of it fast."
-    )
+    code = context.traced_code[0] if context is not None and context.traced_code else None
+    record.chain = f"per-block: one {name} block of {key[0]}[{blocks.sizes[key[0]]}]"
+    if config.ulysses * config.ring > 1:
+        return uncached(f"{name} is compiled on its own; context parallelism needs the whole transformer in one graph")
+    reason = None
+    if code is not None and code is not per_block.forward_code(module):
+        reason = f"a piece of a {name} block ({code.co_name}): a graph break inside the block splits it"
+    else:
+        try:
+            layout = analyse_block_graph(gm)
+        except NotABlock as err:
+            reason = f"{name}: {err}"
+    if reason is not None:
+        level = logging.DEBUG if blocks.warned else logging.WARNING  # said once per model, not per piece
+        blocks.warned = True
+        return uncached(f"{reason}; the per-block path needs each block in one graph", level)
+    split = ("per-block", config.Fn, config.Bn)  # every block graph of a model serves the same requests
+    cache = StepCache(config, split, on_new_owner=lambda param: registry.register([param], record))
+    compiled = inner(gm, example_inputs)
+    runner = per_block.BlockRunner(compiled, layout, cache, record, clone=cudagraphs)
+    record.cache, record.layout = cache, per_block.PerBlockView(runner, name)
+    record.compile_seconds = time.perf_counter() - start
+    log.log(logging.INFO, f"cachedit: per-block: {name} ({layout.describe()})")
+    return runner
 
 
 def _dynamic_sizes(gm: torch.fx.GraphModule) -> str | None:

@@ -59,6 +59,8 @@ class CompiledGraph:
         if self.parallel:
             lines.append(f"  context parallel: {self.parallel}")
         if self.layout is not None:
+            if not getattr(self.layout, "per_block", False):
+                lines.append("  path: whole graph (the chain in one graph; Note [Step-cache split])")
             lines += [f"  {line}" for line in self.layout.describe().splitlines()]
         if self.declined:
             lines.append(f"  not step-cached: {self.declined}")
