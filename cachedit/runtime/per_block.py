@@ -345,7 +345,8 @@ def find_block(param: torch.Tensor) -> tuple[ModelBlocks, tuple[str, int]] | Non
         code = frame.f_code
         if code.co_argcount and code.co_varnames[0] == "self" and code.co_filename != module_file:
             owner = frame.f_locals.get("self")
-            if isinstance(owner, torch.nn.Module) and id(owner) not in seen:
+            wrapper = type(owner).__module__.startswith("torch.")  # OptimizedModule, DDP: the model is inside
+            if isinstance(owner, torch.nn.Module) and not wrapper and id(owner) not in seen:
                 seen.add(id(owner))  # the innermost frame of each module is the one calling its children
                 blocks = _blocks_of(owner)
                 if blocks is not None and blocks.key_of(param) is not None:
