@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from cachedit.config import CacheditConfig, CompileMode, Inner
 from cachedit.fxpasses.block_chain import NoChain, find_block_chain, is_static_input
-from cachedit.fxpasses.block_graph import NotABlock, analyse_block_graph
+from cachedit.fxpasses.block_graph import NotABlock, analyse_block_graph, analyse_piece, graph_break_reason, original_code
 from cachedit.fxpasses.step_cache_gate import insert_step_cache_gate
 from cachedit.runtime import per_block, registry
 from cachedit.runtime.step_cache import Gate, Reuse, StepCache
@@ -247,22 +247,30 @@ def _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, unca
     record.chain = f"per-block: one {name} block of {key[0]}[{blocks.sizes[key[0]]}]"
     if config.ulysses * config.ring > 1:
         return uncached(f"{name} is compiled on its own; context parallelism needs the whole transformer in one graph")
-    reason = None
-    if code is not None and code is not per_block.forward_code(module):
-        reason = f"a piece of a {name} block ({code.co_name}): a graph break inside the block splits it"
+    broke = graph_break_reason(gm)
+    body = per_block.block_body(module)
+    forwards = {per_block.forward_code(module), per_block.forward_code(body)}
+    resumed = original_code(code) if code is not None else None
+    if code is None or (code in forwards and broke is None):
+        kind = per_block.WHOLE
+    elif code in forwards:
+        kind = per_block.START
+    elif resumed in forwards:
+        kind = per_block.END if broke is None else per_block.MID
     else:
-        try:
-            layout = analyse_block_graph(gm)
-        except NotABlock as err:
-            reason = f"{name}: {err}"
-    if reason is not None:
-        level = logging.DEBUG if blocks.warned else logging.WARNING  # said once per model, not per piece
+        kind = per_block.INNER  # a frame nested inside the block (attention processor, MoE experts)
+    try:
+        layout = analyse_block_graph(gm) if kind == per_block.WHOLE else analyse_piece(gm)
+    except NotABlock as err:
+        level = logging.DEBUG if blocks.warned else logging.WARNING  # said once per model, not per graph
         blocks.warned = True
-        return uncached(f"{reason}; the per-block path needs each block in one graph", level)
+        return uncached(f"{name}: {err}; the per-block path needs the block's outputs to continue its inputs", level)
+    if kind != per_block.WHOLE:
+        record.chain += f" ({kind} piece: {code.co_name}, graph breaks split the block)"
     split = ("per-block", config.Fn, config.Bn)  # every block graph of a model serves the same requests
     cache = StepCache(config, split, on_new_owner=lambda param: registry.register([param], record))
     compiled = inner(gm, example_inputs)
-    runner = per_block.BlockRunner(compiled, layout, cache, record, clone=cudagraphs)
+    runner = per_block.BlockRunner(compiled, layout, cache, record, kind=kind, clone=cudagraphs)
     record.cache, record.layout = cache, per_block.PerBlockView(runner, name)
     record.compile_seconds = time.perf_counter() - start
     log.log(logging.INFO, f"cachedit: per-block: {name} ({layout.describe()})")

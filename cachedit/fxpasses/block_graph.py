@@ -111,3 +111,62 @@ def analyse_block_graph(gm: torch.fx.GraphModule) -> BlockGraphLayout:
         shapes=tuple(shape_key(o)[0] for o in outs),
         primary=primary,
     )
+
+
+def original_code(code):
+    """The code of the function a Dynamo resume function continues (``torch_dynamo_resume_in_forward_at_N``),
+    else ``code`` itself. The one reader of Dynamo's resume-function metadata (internal)."""
+    try:
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+
+        meta = ContinueExecutionCache.generated_code_metadata.get(code)
+    except Exception:  # a torch without it: every code is its own
+        meta = None
+    return getattr(meta, "code", None) or code
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceLayout:
+    """One piece of a block that graph breaks split (Note [Per-block path]: pieces)."""
+
+    inputs: tuple[tuple[str, int], ...]  # (name, graph input index) of each floating-point user input
+    candidates: tuple[tuple[str, ...], ...]  # per output: names of the inputs of its shape and dtype
+    outputs: tuple[tuple[tuple[int, ...], torch.dtype] | None, ...]  # static (shape, dtype) per output, else None
+    param: int | None  # index of the first parameter input, if any
+
+    def describe(self) -> str:
+        return f"piece inputs: {', '.join(n for n, _ in self.inputs) or 'none'}; outputs: {len(self.outputs)}"
+
+
+def analyse_piece(gm: torch.fx.GraphModule) -> PieceLayout:
+    """The inputs and outputs of a block piece: what a skipped piece must provide, and which inputs each
+    output could continue (resolved at run time against the names the block's first piece received)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    params = [i for i, n in enumerate(placeholders) if is_static_input(n)]
+    user = [
+        (i, n)
+        for i, n in enumerate(placeholders)
+        if not is_static_input(n)
+        and isinstance(n.meta.get("example_value"), torch.Tensor)
+        and n.meta["example_value"].is_floating_point()
+    ]
+    (output,) = gm.graph.find_nodes(op="output")
+    outs = output.args[0]
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    candidates, statics = [], []
+    for out in outs:
+        value = out.meta.get("example_value") if isinstance(out, torch.fx.Node) else None
+        if not isinstance(value, torch.Tensor):
+            candidates.append(())
+            statics.append(None)
+            continue
+        key = shape_key(out)
+        candidates.append(tuple(stream_name(n) for _, n in user if shape_key(n) == key))
+        shape = tuple(value.shape)
+        statics.append((shape, value.dtype) if all(isinstance(s, int) for s in shape) else None)
+    return PieceLayout(
+        inputs=tuple((stream_name(n), i) for i, n in user),
+        candidates=tuple(candidates),
+        outputs=tuple(statics),
+        param=params[0] if params else None,
+    )

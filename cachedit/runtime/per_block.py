@@ -113,6 +113,9 @@ class _Forward:
     h0: torch.Tensor | None = None
     gated: tuple | None = None
     entering: dict | None = None
+    current: tuple | None = None  # the block in progress
+    inputs: dict | None = None  # its inputs by name, as its first piece received them
+    skip: bool = False  # its graphs do not run (a middle block on a cached step)
     # the learning forward only (chain unknown):
     seen: set = dataclasses.field(default_factory=set)
     run: _Run | None = None
@@ -191,6 +194,9 @@ class ModelBlocks:
     # -- a block call -----------------------------------------------------------------------------
 
     def call(self, runner: BlockRunner, key: tuple[str, int], args: tuple) -> Any:
+        kind = runner.kind
+        if kind == INNER:
+            return runner.compiled(*args)
         context = _execution_context()
         if self.chain is None:
             return self._learn(runner, key, args, context)
@@ -198,35 +204,46 @@ class ModelBlocks:
         if pos is None:
             return runner.compiled(*args)  # a block outside the chain
         fwd = self.forwards.get(context)
-        if pos == 0:
-            fwd = self.forwards[context] = _Forward(self._timestep(), _ACTIVE.get())
-        elif fwd is None or fwd.pos != pos:
-            if fwd is not None and fwd.gated is not None and fwd.gated[0].cache and pos >= self.fn:
-                log.warning(f"cachedit: block {key[0]}[{key[1]}] ran out of the chain's order on a cached step")
-            self.forwards.pop(context, None)
-            return runner.compiled(*args)
-        fwd.pos = pos + 1
-        layout = runner.layout
         n, fn, bn = len(self.chain), self.fn, self.bn
-        if pos == 0:
-            fwd.h0 = runner.keep(args[layout.out_from[layout.primary]])
+        if kind in (WHOLE, START):  # the block begins
+            if pos == 0:
+                fwd = self.forwards[context] = _Forward(self._timestep(), _ACTIVE.get())
+            elif fwd is None or fwd.pos != pos:
+                if fwd is not None and fwd.skip:
+                    log.warning(f"cachedit: block {key[0]}[{key[1]}] ran out of the chain's order on a cached step")
+                self.forwards.pop(context, None)
+                return runner.compiled(*args)
+            fwd.pos, fwd.current = pos + 1, key
+            fwd.inputs = runner.inputs_of(args)
+            if pos == 0:
+                fwd.h0 = runner.keep(fwd.inputs[runner.primary_in(fwd.inputs)])
+            if pos == fn:
+                fwd.entering = {name: runner.keep(t) for name, t in fwd.inputs.items()}
+            fwd.skip = fn <= pos < n - bn and fwd.gated is not None and fwd.gated[0].cache
+            if kind == START:
+                return runner.fake(args) if fwd.skip else runner.compiled(*args)
+        elif fwd is None or fwd.current != key:
+            return runner.compiled(*args)  # a piece of a block whose beginning was not seen
+        elif kind == MID:
+            return runner.fake(args) if fwd.skip else runner.compiled(*args)
+        # The block ends here (WHOLE or END): its outputs are streams.
+        names = runner.stream_names(fwd.inputs)
+        if names is None:  # the outputs do not continue the block's inputs: nothing to cache around
+            return runner.compiled(*args)
         if pos < fn:
             outs = runner.compiled(*args)
             if pos == fn - 1:
-                residual = outs[layout.primary] - fwd.h0
+                residual = outs[runner.primary_out(names)] - fwd.h0
                 fwd.gated = runner.cache.gate(residual, fwd.timestep, self.owner(), None, None)
             return outs
-        if pos >= n - bn:
+        if pos >= n - bn or fwd.gated is None:
             if pos == n - 1:
                 self.forwards.pop(context, None)
             return runner.compiled(*args)
-        cache = fwd.gated[0].cache
-        if pos == fn:
-            fwd.entering = {name: runner.keep(args[i]) for name, i in zip(layout.streams, layout.out_from)}
         if pos < n - bn - 1:
-            return [args[i] for i in layout.out_from] if cache else runner.compiled(*args)
+            return [fwd.inputs[name] for name in names] if fwd.skip else runner.compiled(*args)
         # The last middle block: reuse the cached residuals, or run and store them.
-        entering = [fwd.entering[name] for name in layout.streams]
+        entering = [fwd.entering[name] for name in names]
 
         def middle(*inputs):
             outs = runner.compiled(*args)
@@ -239,27 +256,38 @@ class ModelBlocks:
 
     def _learn(self, runner: BlockRunner, key: tuple[str, int], args: tuple, context: object) -> Any:
         """A block call while the chain is unknown: run it and follow the runs of joined blocks."""
+        kind = runner.kind
         fwd = self.forwards.get(context)
-        if fwd is None or key in fwd.seen:  # a new forward
-            if fwd is not None:
-                self._finish_learning(fwd)
-                if self.chain is not None:
-                    return self.call(runner, key, args)
-            self.fn, self.bn = runner.cache.config.Fn, runner.cache.config.Bn
-            fwd = self.forwards[context] = _Forward(self._timestep(), _ACTIVE.get())
-        fwd.seen.add(key)
-        layout = runner.layout
+        if kind in (WHOLE, START):
+            if fwd is None or key in fwd.seen:  # a new forward
+                if fwd is not None:
+                    self._finish_learning(fwd)
+                    if self.chain is not None:
+                        return self.call(runner, key, args)
+                self.fn, self.bn = runner.cache.config.Fn, runner.cache.config.Bn
+                fwd = self.forwards[context] = _Forward(self._timestep(), _ACTIVE.get())
+            fwd.seen.add(key)
+            fwd.current, fwd.inputs = key, runner.inputs_of(args)
+            primary_in = fwd.inputs[runner.primary_in(fwd.inputs)]
+            run = fwd.run
+            if run is None or not any(primary_in is o for o in run.prev_outs):
+                self._close_run(fwd)
+                run = fwd.run = _Run(runner.keep(primary_in), last=collections.deque(maxlen=self.bn + 1))
+            run.keys.append(key)
+            if kind == START:
+                return runner.compiled(*args)
+        elif fwd is None or fwd.current != key or kind == MID:
+            return runner.compiled(*args)
         outs = runner.compiled(*args)
-        primary_in = args[layout.out_from[layout.primary]]
+        names = runner.stream_names(fwd.inputs)
         run = fwd.run
-        if run is None or not any(primary_in is o for o in run.prev_outs):
+        if names is None or run is None:
             self._close_run(fwd)
-            run = fwd.run = _Run(runner.keep(primary_in), last=collections.deque(maxlen=self.bn + 1))
-        pos = len(run.keys)
-        run.keys.append(key)
-        named = {name: runner.keep(o) for name, o in zip(layout.streams, outs)}
+            return outs
+        pos = len(run.keys) - 1
+        named = {name: runner.keep(o) for name, o in zip(names, outs)}
         if pos == self.fn - 1:
-            run.fn_out, run.fn_runner = named, runner
+            run.fn_out, run.fn_runner = named, (runner, names)
         if pos >= self.fn:
             run.last.append((named, runner))
         run.prev_outs = list(outs)
@@ -303,8 +331,8 @@ class ModelBlocks:
         log.info(f"cachedit: per-block {self.describe()}")
         if _ACTIVE.get() is not fwd.token or self.owner() is None:
             return  # the request that made the first forward is over: nothing of it to record
-        runner = best.fn_runner
-        primary = runner.layout.streams[runner.layout.primary]
+        runner, fn_names = best.fn_runner
+        primary = fn_names[runner.primary_out(fn_names)]
         gated = runner.cache.gate(best.fn_out[primary] - best.h0, fwd.timestep, self.owner(), None, None)
         if gated[0].cache:  # step 0 of a request always computes; a later step was never seen here
             return
@@ -379,23 +407,71 @@ def _lookup(param: torch.Tensor) -> tuple[ModelBlocks | None, tuple[str, int] | 
     return site
 
 
-class BlockRunner:
-    """What Dynamo calls for one block graph: the compiled block, placed in its model's chain."""
+WHOLE, START, MID, END, INNER = "whole", "start", "mid", "end", "inner"
 
-    def __init__(self, compiled, layout, cache: StepCache, record, clone: bool = False):
+
+class BlockRunner:
+    """What Dynamo calls for one block graph, or one piece of a block: placed in its model's chain.
+
+    ``kind``: ``whole`` (the block's forward in one graph), or a piece of a block that graph breaks split:
+    ``start`` (its forward up to the first break), ``mid`` and ``end`` (the resume functions of that
+    forward; ``end`` returns the block's result), ``inner`` (a frame nested inside the block: always runs).
+    ``layout``: a ``BlockGraphLayout`` (whole) or a ``PieceLayout`` (pieces).
+    """
+
+    def __init__(self, compiled, layout, cache: StepCache, record, kind: str = WHOLE, clone: bool = False):
         self.compiled = compiled
         self.layout = layout
         self.cache = cache
+        self.kind = kind
         self.cachedit_record = record  # the runner owns the record (the registry holds it weakly)
         self.clone = clone  # CUDA graphs: outputs live in a pool the next replay overwrites
         self.served: weakref.WeakSet = weakref.WeakSet()
+        self.can_fake = kind != WHOLE and all(o is not None for o in getattr(layout, "outputs", (None,)))
 
     def keep(self, tensor: torch.Tensor) -> torch.Tensor:
         """A stream kept past this call within the forward (cloned out of a CUDA graph pool)."""
         return tensor.clone() if self.clone else tensor
 
+    def inputs_of(self, args: tuple) -> dict[str, torch.Tensor]:
+        if self.kind == WHOLE:
+            return {name: args[i] for name, i in zip(self.layout.streams, self.layout.out_from)}
+        return {name: args[i] for name, i in self.layout.inputs}
+
+    @staticmethod
+    def primary_in(inputs: dict[str, torch.Tensor]) -> str:
+        return "hidden_states" if "hidden_states" in inputs else max(inputs, key=lambda k: inputs[k].numel())
+
+    def primary_out(self, names: tuple[str, ...]) -> int:
+        if self.kind == WHOLE:
+            return self.layout.primary
+        return names.index("hidden_states") if "hidden_states" in names else 0
+
+    def stream_names(self, inputs: dict[str, torch.Tensor]) -> tuple[str, ...] | None:
+        """The stream each output continues, by name; None when an output continues none of ``inputs``."""
+        if self.kind == WHOLE:
+            return self.layout.streams
+        names = []
+        for options in self.layout.candidates:
+            found = next((name for name in options if name in inputs), None)
+            if found is None or found in names:
+                return None
+            names.append(found)
+        return tuple(names)
+
+    def fake(self, args: tuple) -> list[torch.Tensor]:
+        """What a piece of a skipped block returns instead of running: zeros of its outputs' shapes (the
+        Python between pieces still runs on them; their results are discarded at the block's end)."""
+        if not self.can_fake:
+            return self.compiled(*args)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in self.layout.outputs]
+
     def __call__(self, *args):
-        blocks, key = _lookup(args[self.layout.param])
+        param = self.layout.param
+        if param is None:
+            return self.compiled(*args)
+        blocks, key = _lookup(args[param])
         if blocks is None:
             return self.compiled(*args)
         if blocks not in self.served:
@@ -419,6 +495,16 @@ class PerBlockView:
             lines.append(runner.layout.describe())
             lines += sorted({b.describe() for b in list(runner.served)})
         return "\n".join(lines)
+
+
+def block_body(module: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``forward`` does a block's work: the block, or the only child holding all of its
+    parameters when the block merely wraps one (HiDream's ``HiDreamBlock.block``), recursively."""
+    while True:
+        children = list(module.children())
+        if len(children) != 1 or len(list(children[0].parameters())) != len(list(module.parameters())):
+            return module
+        module = children[0]
 
 
 def forward_code(module: torch.nn.Module):
