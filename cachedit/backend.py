@@ -151,6 +151,9 @@ def cachedit_backend(
     site = _block_site(gm, example_inputs)
     if site is not None:
         return _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, uncached, start)
+    piece = _parameterless_piece(gm, example_inputs, config, record, inner)
+    if piece is not None:
+        return piece
     # -- end per-block path --
     # -- context parallelism (issue 3): shard the chain before the split (Note [Attention rewrite]) --
     mesh = None
@@ -267,6 +270,8 @@ def _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, unca
         return uncached(f"{name}: {err}; the per-block path needs the block's outputs to continue its inputs", level)
     if kind != per_block.WHOLE:
         record.chain += f" ({kind} piece: {code.co_name}, graph breaks split the block)"
+    if kind == per_block.START:
+        per_block.piece_codes[code] = name
     split = ("per-block", config.Fn, config.Bn)  # every block graph of a model serves the same requests
     cache = StepCache(config, split, on_new_owner=lambda param: registry.register([param], record))
     compiled = inner(gm, example_inputs)
@@ -274,6 +279,26 @@ def _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, unca
     record.cache, record.layout = cache, per_block.PerBlockView(runner, name)
     record.compile_seconds = time.perf_counter() - start
     log.log(logging.INFO, f"cachedit: per-block: {name} ({layout.describe()})")
+    return runner
+
+
+def _parameterless_piece(gm, example_inputs, config, record, inner) -> Callable | None:
+    """A resume function of a split block's ``forward`` that uses no parameter (Nucleus MoE's
+    ``hidden_states + gate * mlp_output`` after the expert dispatch): at run time it belongs to the block
+    in progress in the calling context. None for any other graph."""
+    context = torch._guards.TracingContext.try_get()
+    code = context.traced_code[0] if context is not None and context.traced_code else None
+    if code is None or code in per_block.piece_codes:
+        return None
+    name = per_block.piece_codes.get(original_code(code))
+    if name is None or any(is_static_input(n) for n in gm.graph.find_nodes(op="placeholder")):
+        return None
+    kind = per_block.END if graph_break_reason(gm) is None else per_block.MID
+    layout = analyse_piece(gm)
+    cache = StepCache(config, ("per-block", config.Fn, config.Bn))
+    runner = per_block.BlockRunner(inner(gm, example_inputs), layout, cache, record, kind=kind)
+    record.chain = f"per-block: a {kind} piece of a {name} block without parameters ({code.co_name})"
+    record.layout = per_block.PerBlockView(runner, name)
     return runner
 
 

@@ -63,3 +63,42 @@ FRAMEPACK = ModelSpec(
     single_graph=False, graph_break="a tensor-indexed slice that calls .item() in the top-level forward",
     pipeline_note="HunyuanVideoFramepackPipeline: timestep=t (FlowMatch, 1000 * sigma)",
 )
+
+
+def _nucleusmoe_inputs(g: torch.Generator, batch: int) -> dict[str, Any]:
+    return {
+        "hidden_states": _randn(g, batch, 16, 16),  # packed 2x2 patches of a 4-channel 8x8 latent
+        "img_shapes": [(1, 4, 4)] * batch,
+        "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
+        "encoder_hidden_states_mask": torch.ones(batch, TEXT_TOKENS, dtype=torch.long),
+    }
+
+
+NUCLEUSMOE = ModelSpec(
+    "nucleusmoe", "NucleusMoEImageTransformer2DModel",
+    dict(patch_size=2, in_channels=16, out_channels=4, num_layers=6,  # mlp_ratio 6: dense FFN width 128 (0 below)
+         attention_head_dim=HEAD_DIM,
+         num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), moe_enabled=True,
+         num_experts=4, moe_intermediate_dim=32, capacity_factors=2.0, mlp_ratio=6.0),
+    _nucleusmoe_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7,
+    single_graph=False,
+    graph_break="MoE dispatch reads num_tokens_per_expert.tolist() in blocks 3..4 (dense: 0..2 and 5)",
+    pipeline_note="NucleusMoEImagePipeline: timestep=t / 1000 (as QwenImage)",
+)
+
+
+def build(spec: ModelSpec, warm: bool = False) -> torch.nn.Module:
+    """``spec.build``, plus initial values for NucleusMoE's expert weights, which the class allocates with
+    ``torch.empty`` and leaves to checkpoint loading (uninitialised memory gave NaN outputs)."""
+    model = spec.build()
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(module, name, None)
+            if isinstance(weight, torch.nn.Parameter):
+                with torch.no_grad():
+                    weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
+    if warm:
+        with torch.no_grad():
+            model(**spec.inputs(spec.timesteps(2)[0]))
+    return model

@@ -143,6 +143,8 @@ class ModelBlocks:
         self.forwards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.lock = threading.Lock()
         self.warned = False
+        self.timestep_source = "not read yet"
+        self.ref = weakref.ref(self)
 
     def key_of(self, param: torch.Tensor) -> tuple[str, int] | None:
         entry = self.of_param.get(id(param))
@@ -160,7 +162,10 @@ class ModelBlocks:
         counts = collections.Counter(k[0] for k in self.chain)
         n, fn, bn = len(self.chain), self.fn, self.bn
         text = " -> ".join(f"{p}[{c}]" for p, c in counts.items())
-        return f"chain (learned at the first forward): {text}; split F{fn}B{bn}: middle blocks {fn}..{n - bn - 1} of {n}"
+        return (
+            f"chain (learned at the first forward): {text}; split F{fn}B{bn}: middle blocks {fn}..{n - bn - 1} of {n}"
+            f"\ntimestep: {self.timestep_source}"
+        )
 
     # -- the model's frame ------------------------------------------------------------------------
 
@@ -182,13 +187,24 @@ class ModelBlocks:
         return fallback
 
     def _timestep(self) -> torch.Tensor | None:
+        """The timestep the model's forward holds now; None when it holds none a request rule can trust.
+
+        Only a 0-d or 1-d real tensor (one value per sample) or a number counts: a forward that rebinds the
+        name to its embedding (HiDream: ``timesteps = self.t_embedder(timesteps)``) has lost the value.
+        """
         found = self._model_locals() or {}
         for name in _TIMESTEP_LOCALS:
             value = found.get(name)
-            if isinstance(value, torch.Tensor) and value.numel() > 0 and not value.is_complex():
+            if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() > 0 and not value.is_complex():
+                self.timestep_source = f"the local {name!r} of the model's forward"
                 return value.detach()
             if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.timestep_source = f"the local {name!r} of the model's forward"
                 return torch.tensor([float(value)])
+        self.timestep_source = (
+            "none: no 0-d/1-d local named timestep, timesteps, t, sigma or sigmas in the model's forward when "
+            "its blocks run (caches only inside cachedit.request / cachedit.enable)"
+        )
         return None
 
     # -- a block call -----------------------------------------------------------------------------
@@ -214,6 +230,7 @@ class ModelBlocks:
                 self.forwards.pop(context, None)
                 return runner.compiled(*args)
             fwd.pos, fwd.current = pos + 1, key
+            _current[context] = self.ref
             fwd.inputs = runner.inputs_of(args)
             if pos == 0:
                 fwd.h0 = runner.keep(fwd.inputs[runner.primary_in(fwd.inputs)])
@@ -268,6 +285,7 @@ class ModelBlocks:
                 fwd = self.forwards[context] = _Forward(self._timestep(), _ACTIVE.get())
             fwd.seen.add(key)
             fwd.current, fwd.inputs = key, runner.inputs_of(args)
+            _current[context] = self.ref
             primary_in = fwd.inputs[runner.primary_in(fwd.inputs)]
             run = fwd.run
             if run is None or not any(primary_in is o for o in run.prev_outs):
@@ -347,6 +365,8 @@ class ModelBlocks:
 _models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ModelBlocks, or None: no lists
 _by_param: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(block parameter) -> (parameter, ModelBlocks)
 _lock = threading.Lock()
+_current: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # context -> the ModelBlocks of its block in progress
+piece_codes: dict = {}  # forward code of a block body whose graph a break split -> block class name
 
 
 def _blocks_of(module: torch.nn.Module) -> ModelBlocks | None:
@@ -469,8 +489,14 @@ class BlockRunner:
 
     def __call__(self, *args):
         param = self.layout.param
-        if param is None:
-            return self.compiled(*args)
+        if param is None:  # a piece without parameters: the block in progress in this context
+            context = _execution_context()
+            ref = _current.get(context)
+            blocks = ref() if ref is not None else None
+            fwd = blocks.forwards.get(context) if blocks is not None else None
+            if fwd is None or fwd.current is None:
+                return self.compiled(*args)
+            return blocks.call(self, fwd.current, args)
         blocks, key = _lookup(args[param])
         if blocks is None:
             return self.compiled(*args)
