@@ -7,13 +7,15 @@ to 1e-5, the bound issue 16 states (observed: bitwise); with the gate forced to 
 are bitwise eager.
 """
 
+import inspect
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import cachedit
 from tests.models import denoise, get
-from tests.per_block_models import FRAMEPACK, HUNYUANVIDEO15
+from tests.per_block_models import FRAMEPACK, HUNYUANVIDEO15, NUCLEUSMOE, build
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
@@ -67,12 +69,17 @@ def test_flux_regional_forced_to_compute_is_bitwise_eager():
     assert torch.equal(result, reference)
 
 
-def test_no_recompile_between_cached_and_computed_steps():
-    spec = get("flux")
-    model = _regional(spec, **MIXED)
-    denoise(model, spec, num_steps=8)  # compiles every block class (and Dynamo's automatic-dynamic recompile)
+@pytest.mark.parametrize("name", ["flux", "mochi"], ids=["regional-flux", "pieces-mochi"])
+def test_no_recompile_between_cached_and_computed_steps(name):
+    spec = get(name)
+    if name == "flux":
+        model = run = _regional(spec, **MIXED)
+    else:  # a break inside every block: the blocks' pieces
+        model = spec.build(warm=True)
+        run = torch.compile(model, backend="cachedit", options={**MIXED, "threshold": 0.5})
+    denoise(run, spec, num_steps=8)  # compiles every graph (and Dynamo's automatic-dynamic recompiles)
     counters.clear()
-    denoise(model, spec, num_steps=8)
+    denoise(run, spec, num_steps=8)
     (_, cached, computed), = _steps(model)[-1:]
     assert cached and len(computed) > 1
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])  # no graph compiled: no recompile
@@ -124,3 +131,88 @@ def test_a_whole_model_is_not_mistaken_for_a_block():
     torch.compile(model, backend="cachedit", options={"inner": "eager", "Fn": 1})(**spec.inputs(500.0))
     report = cachedit.explain(model)
     assert "per-block" not in report and "path: whole graph" in report and "split F1B0" in report, report
+
+
+# -- blocks that graph breaks split into pieces ------------------------------------------------------------
+
+
+class DBCacheReference:
+    """An eager DBCache emulation with forward hooks on the chain's blocks (test-only: the package never
+    hooks or patches a model). It replays given decisions: on a cached step each middle block's output is
+    replaced by its stream inputs, and the last one's by the streams entering block Fn plus the residual
+    stored at the last computed step. The blocks still run (the hooks replace their results)."""
+
+    def __init__(self, model, lists, fn, bn, cached_steps):
+        self.blocks = [b for path in lists for b in model.get_submodule(path)]
+        self.fn, self.bn, self.cached = fn, bn, set(cached_steps)
+        self.step, self.entering, self.residual = -1, None, None
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                block.register_forward_pre_hook(self._next_step)
+            if fn <= i < n - bn:
+                block.register_forward_hook(lambda m, a, k, o, i=i: self._replace(m, a, k, o, i), with_kwargs=True)
+
+    def _next_step(self, module, args):
+        self.step += 1
+
+    @staticmethod
+    def _streams(module, args, kwargs, outputs):
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+        picked = []
+        for out in outputs:
+            same = [k for k, v in tensors.items() if v.shape == out.shape and v.dtype == out.dtype]
+            picked.append("hidden_states" if "hidden_states" in same else same[0])
+        return [tensors[k] for k in picked]
+
+    def _replace(self, module, args, kwargs, output, i):
+        outputs = list(output) if isinstance(output, tuple) else [output]
+        inputs = self._streams(module, args, kwargs, outputs)
+        last = i == len(self.blocks) - self.bn - 1
+        if i == self.fn:
+            self.entering = inputs
+        if self.step in self.cached:
+            outputs = [e + r for e, r in zip(self.entering, self.residual)] if last else inputs
+        elif last:
+            self.residual = [o - e for o, e in zip(outputs, self.entering)]
+        return tuple(outputs) if isinstance(output, tuple) else outputs[0]
+
+
+SPLIT = {  # name -> (spec, options, explicit request): settings that give cached and computed steps
+    "mochi": (get("mochi"), {**MIXED, "threshold": 0.5}, False),
+    # HiDream's forward rebinds `timesteps` to its embedding: caching needs an explicit request
+    "hidream": (get("hidream"), {**MIXED, "threshold": 0.5}, True),
+    # random-init diffs are ~1 per step: cache whenever allowed, at most one step in a row
+    "nucleusmoe": (NUCLEUSMOE, {**MIXED, "threshold": 1.0, "max_continuous_cached_steps": 1}, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT))
+def test_blocks_split_by_graph_breaks_cache_through_their_pieces(name):
+    spec, options, explicit = SPLIT[name]
+    steps = 6
+    model = build(spec, warm=True)
+    reference, _ = denoise(model, spec, num_steps=steps)
+    exact, _ = denoise(torch.compile(model, backend="cachedit", options=EXACT), spec, num_steps=steps)
+    assert torch.equal(exact, reference)  # forced to compute: the pieces are the eager ops
+
+    torch._dynamo.reset()
+    model = build(spec, warm=True)
+    run = torch.compile(model, backend="cachedit", options=options)
+    if explicit:
+        with cachedit.request(model, num_inference_steps=steps):
+            result, _ = denoise(run, spec, num_steps=steps)
+    else:
+        result, _ = denoise(run, spec, num_steps=steps)
+    ((_, cached, computed),) = _steps(model)
+    assert cached and len(computed) > 1, _steps(model)
+    report = cachedit.explain(model)
+    assert "start piece" in report and "path: per-block" in report, report
+    assert f"chain (learned at the first forward): {spec.block_lists[0]}[" in report, report
+
+    torch._dynamo.reset()
+    model = build(spec, warm=True)
+    DBCacheReference(model, spec.block_lists[:1], options["Fn"], options["Bn"], cached)
+    expected, _ = denoise(model, spec, num_steps=steps)
+    assert (result - expected).abs().max().item() <= 1e-5

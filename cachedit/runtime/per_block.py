@@ -48,11 +48,23 @@ model's own ``forward`` frame (a local named ``timestep``, ``timesteps``, ``t``,
 tensor reaches the blocks unchanged, so CFG calls pair by a repeated timestep (Note [Requests and
 branches], the rule without a latent signal); without a timestep local, only ``cachedit.request`` caches.
 
+Blocks that graph breaks split (Mochi's ``nonzero``, HiDream's and Nucleus MoE's expert dispatch):
+Dynamo then compiles, per block, its ``forward`` up to the first break (``start``), the resume functions
+of that forward (``mid``; ``end`` returns the block's result), and frames nested inside the block
+(``inner``: attention processors, MoE gates and experts), with eager Python between them. A piece is
+placed by its parameters, or, without any (a resume function that only adds a gated output), as a piece
+of the block in progress in its context; ``start`` records the block's inputs by name and ``end``'s
+outputs are matched to them by name and shape. On a cached step a middle block's ``start`` and ``mid``
+pieces return zeros of their outputs' shapes instead of running, ``inner`` pieces run (on those zeros),
+and ``end`` returns the streams as a whole block does. Cost: the Python between pieces still runs on a
+skipped block, and with it any host read the model itself makes there (MoE routing's ``.cpu()`` /
+``.tolist()``: those are the model's, once per block, cached step or not); Mochi's attention processor,
+which Dynamo runs eagerly, runs on zeros. cachedit itself still reads the host once per step.
+
 Differences from the whole-graph path: every stream a middle block hands on is cached (Flux also
 keeps the text stream's residual with ``Bn = 0``, where the whole graph keeps only the image stream;
 the outputs are the same). Python runs around each block call (a dict lookup and a few comparisons).
-A graph break inside a block (Mochi's ``nonzero``, MoE dispatch) gives pieces of a block, which are
-compiled uncached.
+Context parallelism needs the whole graph and is declined here.
 """
 
 from __future__ import annotations
