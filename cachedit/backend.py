@@ -229,11 +229,17 @@ class CacheditOptionError(*_PASS_THROUGH, ValueError, TypeError):
 
 def _block_site(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
     """``(ModelBlocks, (list path, index))`` when every parameter of ``gm`` belongs to one block of a model
-    that is calling it (Note [Per-block path]); None otherwise (the whole-graph path)."""
+    that is calling it and the graph holds no block chain of its own (Note [Per-block path]); None
+    otherwise (the whole-graph path)."""
     placeholders = gm.graph.find_nodes(op="placeholder")
     params = [v for n, v in zip(placeholders, example_inputs) if is_static_input(n) and isinstance(v, torch.Tensor)]
     if not params:
         return None
+    try:
+        find_block_chain(gm)
+        return None  # the graph holds a chain of its own: a whole transformer (say, one of a ModuleList of them)
+    except Exception:
+        pass
     site = per_block.find_block(params[0])
     if site is None or any(site[0].key_of(p) != site[1] for p in params):
         return None

@@ -417,6 +417,8 @@ def find_block(param: torch.Tensor) -> tuple[ModelBlocks, tuple[str, int]] | Non
     if found is None:
         return None
     with _lock:
+        for pid in [pid for pid, (ref, _) in _by_param.items() if ref() is None]:
+            del _by_param[pid]  # parameters of models that died
         for pid, (_key, ref) in found.of_param.items():
             _by_param[pid] = (ref, weakref.ref(found))
     return found, found.key_of(param)
