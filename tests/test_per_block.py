@@ -34,8 +34,7 @@ def _regional(spec, **options):
     return model
 
 
-@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "detected"])
-@pytest.mark.parametrize("bn", [0, 1])
+@pytest.mark.parametrize("explicit, bn", [(True, 0), (False, 1)], ids=["explicit-B0", "detected-B1"])
 def test_flux_regional_and_whole_take_the_same_decisions(explicit, bn):
     spec, steps = get("flux"), 8
     options = {**MIXED, "Bn": bn}
@@ -192,10 +191,11 @@ SPLIT = {  # name -> (spec, options, explicit request): settings that give cache
 def test_blocks_split_by_graph_breaks_cache_through_their_pieces(name):
     spec, options, explicit = SPLIT[name]
     steps = 6
-    model = build(spec, warm=True)
-    reference, _ = denoise(model, spec, num_steps=steps)
-    exact, _ = denoise(torch.compile(model, backend="cachedit", options=EXACT), spec, num_steps=steps)
-    assert torch.equal(exact, reference)  # forced to compute: the pieces are the eager ops
+    if name != "hidream":  # HiDream: test_backend's multi-graph test checks it bitwise (nothing cached there)
+        model = build(spec, warm=True)
+        reference, _ = denoise(model, spec, num_steps=steps)
+        exact, _ = denoise(torch.compile(model, backend="cachedit", options=EXACT), spec, num_steps=steps)
+        assert torch.equal(exact, reference)  # forced to compute: the pieces are the eager ops
 
     torch._dynamo.reset()
     model = build(spec, warm=True)
