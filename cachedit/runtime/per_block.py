@@ -140,7 +140,6 @@ class ModelBlocks:
     def __init__(self, model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList]):
         self.model = weakref.ref(model)
         self.owner = weakref.ref(next(model.parameters()))  # names the model to StepCache
-        self.classes = {path: type(lst[0]) for path, lst in lists.items()}
         self.sizes = {path: len(lst) for path, lst in lists.items()}
         self.of_param: dict[int, tuple[tuple[str, int], weakref.ref]] = {}
         for path, lst in lists.items():
