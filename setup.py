@@ -32,7 +32,14 @@ setup(
             "peft>=0.17,<0.22",
             "torchao>=0.16,<0.19",
             "PyYAML>=6,<7",
+            # tests/integrations/test_serve.py drives a real server; checked with httpx 0.28.1.
+            "httpx>=0.27,<0.29",
+            "fastapi>=0.110,<1",
+            "uvicorn>=0.29,<1",
+            "prometheus-client>=0.20,<1",
         ],
+        # `cachedit serve`: checked with fastapi 0.165, starlette 1.10, uvicorn 0.54, prometheus-client 0.26.
+        "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1", "prometheus-client>=0.20,<1"],
         # Config files: CACHEDIT_CONFIG=path.yaml or options={"config": "path.yaml"}.
         "yaml": ["PyYAML>=6,<7"],
     },

@@ -1,4 +1,5 @@
-"""The user-facing verbs: ``request``, ``stats``, ``explain`` (and ``enable`` for diffusers)."""
+"""The user-facing verbs: ``request``, ``open_request``/``rows`` (batches of several requests), ``stats``,
+``explain`` (and ``enable`` for diffusers)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch
 
 from cachedit.config import CacheditConfig, request_settings
 from cachedit.runtime import masks, policy, registry
-from cachedit.runtime.step_cache import RequestStats, open_request
+from cachedit.runtime import rows as _rows
+from cachedit.runtime.rows import RequestHandle, RowsError
+from cachedit.runtime.step_cache import RequestStats, RequestToken
+from cachedit.runtime.step_cache import open_request as _open_token
 
 
 def _module(model: Any) -> torch.nn.Module:
@@ -50,6 +54,12 @@ def request(model: Any, num_inference_steps: int | None = None, **settings: Any)
     Without it, cachedit detects requests (Note [Requests and branches]). The context is per thread and
     per asyncio task, so concurrent requests stay apart; its buffers are freed when it exits.
     """
+    checked = _checked(num_inference_steps, settings)
+    with _open_token(frozenset(id(t) for t in _tensors(model)), num_inference_steps, checked):
+        yield
+
+
+def _checked(num_inference_steps: int | None, settings: dict[str, Any]) -> dict[str, Any]:
     if num_inference_steps is not None and (
         isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
     ):
@@ -57,8 +67,49 @@ def request(model: Any, num_inference_steps: int | None = None, **settings: Any)
     checked = request_settings(settings)
     if num_inference_steps is None:  # a mask or a budget in these settings needs the step count: say so now
         policy.plan(CacheditConfig().for_request(checked), None)
-    with open_request(frozenset(id(t) for t in _tensors(model)), num_inference_steps, checked):
-        yield
+    return checked
+
+
+def open_request(model: Any, num_inference_steps: int | None = None, **settings: Any) -> RequestHandle:
+    """Open a request on ``model`` that no context carries: a handle for ``cachedit.rows``.
+
+    Same arguments as ``request``. The request lives until ``handle.close()`` (or the end of
+    ``with handle:``), which frees its buffers; a server opens one per generation and closes it when
+    the generation ends, fails or is cancelled.
+    """
+    checked = _checked(num_inference_steps, settings)
+    return RequestHandle(RequestToken(frozenset(id(t) for t in _tensors(model)), num_inference_steps, checked))
+
+
+@contextlib.contextmanager
+def rows(model: Any, groups: Sequence[tuple[RequestHandle, int]]) -> Iterator[_rows.Batch]:
+    """Tag the rows of the batched forwards inside with their requests (Note [Rows of several requests]).
+
+    ``groups`` lists ``(handle, n_rows)`` in batch order: the first ``n_rows`` rows belong to the first
+    handle's request, and so on (a request's CFG rows together, in the order it uses alone). Each call
+    inside is one step of every group's request; each group decides with its own state and settings,
+    and the middle blocks run only on the rows that compute. For that the model must be traced with a
+    dynamic batch size (``torch._dynamo.mark_dynamic(x, 0)`` on the batched inputs); with a static
+    one every row runs the middle and cached rows take their cached result.
+    A group's request whose settings cannot be planned raises ``cachedit.RowsError`` naming it,
+    before any request moved a step.
+    """
+    checked, seen = [], set()
+    for i, group in enumerate(groups):
+        if not (isinstance(group, (tuple, list)) and len(group) == 2 and isinstance(group[0], RequestHandle)):
+            raise TypeError(f"rows group {i} is {group!r}; expected (handle from cachedit.open_request, n_rows)")
+        handle, n = group
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"rows group {i} has n_rows={n!r}; expected a positive int")
+        if handle.id in seen:
+            raise ValueError(f"rows group {i}: request {handle.id} appears twice; a request's rows must be consecutive")
+        if handle.closed:
+            raise ValueError(f"rows group {i}: request {handle.id} was closed; open a new one with cachedit.open_request")
+        seen.add(handle.id)
+        checked.append((handle, n))
+    owner = frozenset(id(t) for t in _tensors(model))
+    with _rows.tag_rows(owner, checked) as batch:
+        yield batch  # batch.gated: how many forwards reached the gate (0: an error came before any decision)
 
 
 def stats(model: Any) -> list[RequestStats]:

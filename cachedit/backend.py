@@ -39,7 +39,7 @@ from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import to_fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from cachedit.config import CacheditConfig, CompileMode, Inner
+from cachedit.config import CacheditConfig, CachePolicy, CompileMode, Inner
 from cachedit.fxpasses.block_chain import NoChain, find_block_chain, is_static_input
 from cachedit.fxpasses.block_graph import NotABlock, analyse_block_graph, analyse_piece, graph_break_reason, original_code
 from cachedit.fxpasses.step_cache_gate import insert_step_cache_gate
@@ -165,17 +165,21 @@ def cachedit_backend(
         record.chain, record.lists = chain.describe(), chain.lists
         # Graphs of one model with the same split share its requests (Note [Requests and branches]).
         split = (config.Fn, config.Bn, chain.describe())
-        cache = StepCache(config, split, on_new_owner=lambda param: registry.register([param], record))
+        per_block = config.policy is CachePolicy.DBPRUNE
+        cache = StepCache(config, split + (per_block,), on_new_owner=lambda param: registry.register([param], record))
         if mesh is not None:
             cache.reduce_sums = mesh.reduce_sums  # every rank decides on the global diff sums
-        top, layout = insert_step_cache_gate(
-            gm,
-            chain,
-            config.Fn,
-            config.Bn,
-            make_gate=lambda layout: Gate(cache),
-            make_reuse=lambda layout: Reuse(cache, layout.residual_of),
-        )
+        split_args = (gm, chain, config.Fn, config.Bn, lambda layout: Gate(cache), lambda layout, k: Reuse(cache, k, layout.segments[k]))
+        try:
+            top, layout = insert_step_cache_gate(*split_args, per_block=per_block)
+        except NoChain as reason:
+            if not per_block:
+                raise
+            log.warning(f"cachedit: policy='dbprune' declined, caching with dbcache instead: the per-block split failed: {reason}")
+            cache.config = config = config.replace(policy=CachePolicy.DBCACHE)
+            record.config = config
+            top, layout = insert_step_cache_gate(*split_args)
+        cache.parts, cache.per_block, cache.copy_inputs = len(layout.segments), layout.per_block, cudagraphs
     except NoChain as reason:
         return uncached(str(reason))
     except Exception as err:  # a pass failed on a graph we did not foresee: never break the user's compile
@@ -184,10 +188,10 @@ def cachedit_backend(
     record.layout, record.cache = layout, cache
     graph_inputs = _graph_inputs(gm, example_inputs)
     # What the runtime keeps past a step (Note [Stored outputs under CUDA graphs]).
-    n_out = {name: len(getattr(top, name).graph.find_nodes(op="output")[0].args[0]) for name in ("head", "middle")}
-    k = len(layout.residual_of)
-    stored = {"head": (n_out["head"] - 1,), "middle": tuple(range(k, n_out["middle"]))} if cudagraphs else {}
-    for name in ("head", "middle", "tail"):
+    outputs = lambda name: len(getattr(top, name).graph.find_nodes(op="output")[0].args[0])  # noqa: E731
+    stored = {s.part: tuple(range(len(s.residual_of), outputs(s.part))) for s in layout.segments}
+    stored = {"head": (outputs("head") - 1,), **stored} if cudagraphs else {}
+    for name in ("head", *(s.part for s in layout.segments), "tail"):
         part = getattr(top, name, None)
         if part is not None:
             compiled = inner(part, _example_inputs(part, graph_inputs))
@@ -278,6 +282,10 @@ def _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, unca
         record.chain += f" ({kind} piece: {code.co_name}, graph breaks split the block)"
     if kind == per_block.START:
         per_block.piece_codes[code] = name
+    if config.policy is CachePolicy.DBPRUNE:  # DBPrune's per-block split lives in the whole graph
+        log.warning("cachedit: policy='dbprune' needs the whole transformer in one graph; caching with dbcache")
+        config = config.replace(policy=CachePolicy.DBCACHE)
+        record.config = config
     split = ("per-block", config.Fn, config.Bn)  # every block graph of a model serves the same requests
     cache = StepCache(config, split, on_new_owner=lambda param: registry.register([param], record))
     compiled = inner(gm, example_inputs)

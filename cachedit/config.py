@@ -88,6 +88,20 @@ class Calibrator(str, enum.Enum):
     DMD = "dmd"
 
 
+class CachePolicy(str, enum.Enum):
+    """What is decided per step."""
+
+    DBCACHE = "dbcache"  # one decision for all middle blocks, from the head residual
+    DBPRUNE = "dbprune"  # one decision per middle block, from that block's input (a per-block split)
+
+
+class RefreshPolicy(str, enum.Enum):
+    """When ``force_refresh_step_hint`` restarts a request's cache state."""
+
+    ONCE = "once"  # at that step only
+    REPEAT = "repeat"  # at every multiple of it
+
+
 SCM_PRESETS = ("slow", "medium", "fast", "ultra")
 
 
@@ -126,6 +140,11 @@ class CacheditConfig:
     max_accumulated_residual_diff_threshold: float = 0.0
     budget: float = 0.0
     cfg_diff_compute_separate: bool = True
+    force_refresh_step_hint: int = 0
+    force_refresh_step_policy: RefreshPolicy = RefreshPolicy.ONCE
+    policy: CachePolicy = CachePolicy.DBCACHE
+    prune_threshold: float = 0.08
+    non_prune_blocks: str = ""  # chain positions DBPrune never prunes, "3,7" (a list of ints is accepted)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -133,6 +152,21 @@ class CacheditConfig:
             object.__setattr__(self, f.name, value)
         if self.budget > 0 and self.scm != "none":
             raise ValueError(f"budget={self.budget} and scm={self.scm!r} both choose the computed steps; set one of them")
+        if self.policy is CachePolicy.DBPRUNE:
+            if self.budget > 0:
+                raise ValueError(
+                    f"budget={self.budget} counts computed steps, which policy='dbprune' does not have (it decides per "
+                    "block); use budget with policy='dbcache', or scm / prune_threshold with dbprune"
+                )
+            if self.max_accumulated_residual_diff_threshold > 0:
+                raise ValueError(
+                    f"max_accumulated_residual_diff_threshold={self.max_accumulated_residual_diff_threshold} has no "
+                    "effect under policy='dbprune' (cache-dit 1.5.3 accumulates no diff when pruning); unset it"
+                )
+
+    @property
+    def non_prune_block_set(self) -> frozenset[int]:
+        return frozenset(int(b) for b in self.non_prune_blocks.split(",") if b)
 
     def replace(self, **changes: Any) -> "CacheditConfig":
         return dataclasses.replace(self, **changes)
@@ -348,16 +382,20 @@ _LOWER_BOUNDS = {
     "max_residual_bytes": (-1, "use -1 for no cap"),
     "taylorseer_order": (1, "TaylorSeer's order, 1 to 3"),
     "dmd_history": (4, "the snapshots DMD fits on; cache-dit's default is 6"),
+    "force_refresh_step_hint": (0, "the step at which the cache state restarts; 0: never"),
 }
 
 
 def _check_field(name: str, value: Any, source: str, where: str) -> Any:
     """One field's value, converted and range-checked; errors name ``where`` and ``source`` as written."""
-    written, value = value, _coerce(name, value, _field_type(name), source, where)
+    written = value
+    if name == "non_prune_blocks":
+        return _block_ids(value, source, where)
+    value = _coerce(name, value, _field_type(name), source, where)
     if name in _LOWER_BOUNDS:
         low, hint = _LOWER_BOUNDS[name]
         _check_range(name, value, low=low, hint=hint, source=source, where=where, written=written)
-    if name == "threshold" and value != value:  # NaN
+    if name in ("threshold", "prune_threshold") and value != value:  # NaN
         raise ValueError(
             f"{where} {source}={written!r} is NaN; expected a number such as {source}=0.08 (<= 0 never caches)".lstrip()
         )
@@ -383,6 +421,21 @@ def _check_field(name: str, value: Any, source: str, where: str) -> Any:
             f"request is dropped, e.g. {source}=600".lstrip()
         )
     return value
+
+
+def _block_ids(value: Any, source: str, where: str) -> str:
+    """Block positions as ``"3,7"``, from such a string or a list of ints."""
+    items = value.replace(" ", "").split(",") if isinstance(value, str) else value
+    ok = isinstance(items, (list, tuple)) and all(
+        (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, str) and (v == "" or v.isdigit()))
+        for v in items
+    )
+    if not ok:
+        raise ValueError(
+            f"{where} {source}={value!r} is not accepted; expected block positions in the chain (0 = its first "
+            f"block), e.g. {source}='3,7' or [3, 7]".lstrip()
+        )
+    return ",".join(map(str, sorted({int(v) for v in items if v != ""})))
 
 
 def _example(name: str, env: bool) -> str:
@@ -435,6 +488,11 @@ REQUEST_SETTINGS = (
     "max_accumulated_residual_diff_threshold",
     "budget",
     "cfg_diff_compute_separate",
+    "force_refresh_step_hint",
+    "force_refresh_step_policy",
+    "policy",
+    "prune_threshold",
+    "non_prune_blocks",
 )
 
 

@@ -40,6 +40,7 @@ import torch
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
 HIDDEN = 32  # model width of every row
+PER_BLOCK_IN_REQUEST = {"HiDreamImageTransformer2DModel"}  # per-block rows whose forward keeps no timestep local
 HEADS = 2
 HEAD_DIM = HIDDEN // HEADS  # 16: head_dim >= 8 and divisible for 3-axis rope (4 + 6 + 6)
 TEXT_DIM = 32  # width of the fake text-encoder output
@@ -89,6 +90,25 @@ class ModelSpec:
     warm_single_graph: bool | None = None  # the same after one eager forward (`build(warm=True)`); None: same
     graph_break: str | None = None  # why not, when single_graph is False
     pipeline_note: str = ""  # where the timestep convention comes from
+    chain: tuple[str, ...] | None = None  # the lists the backend chains, where not all of block_lists
+    out_tokens: int | None = None  # the output holds [text | image] tokens: the last `out_tokens` are the latent's
+    uncached: str | None = None  # why the backend declines every piece that holds the main blocks (asserted)
+    per_block: bool = False  # the main blocks are split over graphs: the per-block path caches them
+    reads_timestep: bool = True  # False: the forward never reads its timestep, so the graph has none to see
+
+    @property
+    def status(self) -> str:
+        """The README's status of this row: how the backend treats it today (checked by tests/test_models.py)."""
+        if self.uncached is not None:
+            return f"uncached: {self.uncached}"
+        if self.per_block:
+            where = ", inside a request only (the forward rebinds its timestep)" if self.cls in PER_BLOCK_IN_REQUEST else ""
+            return f"step-cached, per-block (each block a graph, or pieces of one){where}"
+        if not self.single_graph_when_warm:
+            return "step-cached in one piece of several, inside a request only (that piece sees no timestep)"
+        if not self.reads_timestep:
+            return "step-cached, whole graph, inside a request only (the forward reads no timestep)"
+        return "step-cached, whole graph"
 
     def build(self, warm: bool = False) -> torch.nn.Module:
         """The model in eval mode, fp32, weights from torch.manual_seed(0).
@@ -138,6 +158,8 @@ class ModelSpec:
             sample = torch.stack(list(sample))
         if self.learned_sigma:
             sample = sample.chunk(2, dim=1)[0]
+        if self.out_tokens is not None:
+            sample = sample[:, -self.out_tokens :]
         return sample
 
 
@@ -409,9 +431,133 @@ def _omnigen_inputs(g: torch.Generator, batch: int) -> dict[str, Any]:
     }
 
 
+# --- input builders of the rows added for issue 16 (the whole-zoo sweep) ---------------------------------
+
+
+def _bria_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 16, 16), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
+            "img_ids": _grid_ids(4, 4), "txt_ids": torch.zeros(TEXT_TOKENS, 3)}
+
+def _briafibo_inputs(g, batch):
+    d = _bria_inputs(g, batch)
+    d["text_encoder_layers"] = [_randn(g, batch, TEXT_TOKENS, 16) for _ in range(6)]
+    return d
+
+def _longcat_inputs(g, batch):
+    d = _bria_inputs(g, batch)
+    d["guidance"] = torch.full((batch,), 4.0)
+    return d
+
+def _flux3_inputs(g, batch):
+    txt = torch.zeros(TEXT_TOKENS, 4); txt[:, 3] = torch.arange(TEXT_TOKENS)
+    return {"hidden_states": _randn(g, batch, 16, 16), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
+            "img_ids": _grid_ids(4, 4, axes=4), "txt_ids": txt}
+
+def _video5(g, batch, c=4):
+    return {"hidden_states": _randn(g, batch, c, 2, 8, 8), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM)}
+
+def _vace_inputs(g, batch):
+    d = _wan_inputs(g, batch)
+    d["control_hidden_states"] = _randn(g, batch, 8, 2, 8, 8)
+    return d
+
+def _cogview3_inputs(g, batch):
+    d = _cogview4_inputs(g, batch)
+    return d
+
+def _cosmos_inputs(g, batch):
+    d = _video5(g, batch)
+    return d
+
+def _img4(g, batch, c=4):
+    return {"hidden_states": _randn(g, batch, c, 8, 8), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM)}
+
+def _hyimage_inputs(g, batch):
+    d = _img4(g, batch)
+    d["encoder_attention_mask"] = torch.ones(batch, TEXT_TOKENS)
+    return d
+
+def _hyv15_inputs(g, batch):
+    d = _video5(g, batch)
+    d["encoder_attention_mask"] = torch.ones(batch, TEXT_TOKENS)
+    d["encoder_hidden_states_2"] = _randn(g, batch, 5, 16)
+    d["encoder_attention_mask_2"] = torch.ones(batch, 5)
+    d["image_embeds"] = _randn(g, batch, 4, 16)
+    return d
+
+def _prx_inputs(g, batch):
+    return _img4(g, batch)
+
+def _ernie_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 4, 8, 8), "text_bth": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
+            "text_lens": torch.full((batch,), TEXT_TOKENS, dtype=torch.long)}
+
+def _nucleus_inputs(g, batch):
+    return _qwenimage_inputs(g, batch)
+
+def _sanavideo_inputs(g, batch):
+    d = _video5(g, batch)
+    d["encoder_attention_mask"] = torch.ones(batch, TEXT_TOKENS)
+    return d
+
+def _latte_inputs(g, batch):
+    d = _video5(g, batch)
+    return d
+
+def _t2d_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 4, 8, 8), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+def _dreamlite_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 4, 8, 8), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM)}
+
+def _music_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 8, 16), "encoder_hidden_states": _randn(g, batch, 16, 4)}
+
+def _joy_inputs(g, batch):
+    return _video5(g, batch)
+
+def _easyanimate_inputs(g, batch):
+    return _video5(g, batch)
+
+def _consisid_inputs(g, batch):
+    return _cogvideox_inputs(g, batch)
+
+def _motif_inputs(g, batch):
+    d = _video5(g, batch)
+    d["encoder_attention_mask"] = torch.ones(batch, TEXT_TOKENS)
+    return d
+
+
+def _qwen21_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 16, 16), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
+            "img_shapes": [[(1, 4, 4)]] * batch, "img_mask": torch.cat([torch.zeros(TEXT_TOKENS), torch.ones(4)]).bool()[None]}
+
+def _framepack_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 4, 2, 8, 8), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
+            "encoder_attention_mask": torch.ones(batch, TEXT_TOKENS), "pooled_projections": _randn(g, batch, TEXT_DIM),
+            "image_embeds": _randn(g, batch, 4, 16), "indices_latents": torch.arange(2), "latents_clean": _randn(g, batch, 4, 1, 8, 8), "indices_latents_clean": torch.arange(1),
+            "latents_history_2x": _randn(g, batch, 4, 2, 8, 8), "indices_latents_history_2x": torch.arange(2),
+            "latents_history_4x": _randn(g, batch, 4, 4, 8, 8), "indices_latents_history_4x": torch.arange(4),
+            "guidance": torch.full((batch,), 6000.0)}
+
+def _k6_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 2, 8, 8, 4), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
+            "pooled_projections": _randn(g, batch, 16), "visual_rope_pos": [torch.arange(2), torch.arange(4), torch.arange(4)]}
+
+def _k6sr_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch, 2, 8, 8, 9)}
+
+def _temporal_inputs(g, batch):
+    return {"hidden_states": _randn(g, batch * 2, 4, 4, 4), "num_frames": 2}
+
+
 # --- the table ------------------------------------------------------------------------------------------------
 
 _FLUX_ROPE = (4, 6, 6)  # sums to HEAD_DIM
+
+_H = dict(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM)
+_WAN = dict(patch_size=(1, 2, 2), **_H, in_channels=4, out_channels=4, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=3, rope_max_seq_len=32)
 
 _ROWS = [
     ModelSpec(
@@ -429,6 +575,7 @@ _ROWS = [
              mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True),
         _flux2_inputs, Schedule.SIGMA_DESC, ("transformer_blocks", "single_transformer_blocks"), 16, 7,
         pipeline_note="Flux2Pipeline: timestep=t / 1000",
+        chain=("transformer_blocks",),  # the single blocks get [text | image] joined outside them
     ),
     ModelSpec(
         "sd3", "SD3Transformer2DModel",
@@ -511,6 +658,7 @@ _ROWS = [
              approximator_num_channels=16, approximator_hidden_dim=HIDDEN, approximator_layers=1),
         _chroma_inputs, Schedule.SIGMA_DESC, ("transformer_blocks", "single_transformer_blocks"), 16, 7,
         pipeline_note="ChromaPipeline: timestep=t / 1000",
+        chain=("transformer_blocks",),  # the single blocks get [text | image] joined outside them
     ),
     ModelSpec(
         "auraflow", "AuraFlowTransformer2DModel",
@@ -518,6 +666,7 @@ _ROWS = [
              attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM,
              caption_projection_dim=HIDDEN, out_channels=4, pos_embed_max_size=64),
         _auraflow_inputs, Schedule.SIGMA_DESC, ("joint_transformer_blocks", "single_transformer_blocks"), 16, 15,
+        chain=("joint_transformer_blocks",),  # the single blocks get [text | image] re-joined outside them
         pipeline_note="AuraFlowPipeline: timestep=t / 1000; text stream = 8 register tokens + 7",
     ),
     ModelSpec(
@@ -580,6 +729,7 @@ _ROWS = [
         "shape operator, attention_processor.py:1068): 11 graphs, 10 breaks",
         pipeline_note="MochiPipeline: FlowMatch with invert_sigmas, timestep=1000 * (1 - sigma) ascending "
         "(linear-quadratic sigmas there, linear here)",
+        per_block=True,
     ),
     ModelSpec(
         "lumina2", "Lumina2Transformer2DModel",
@@ -602,11 +752,12 @@ _ROWS = [
         _hidream_inputs, Schedule.T1000_DESC, ("double_stream_blocks", "single_stream_blocks"), 16, 12,
         side_lists=("caption_projection",)
         + tuple(f"{kind}_stream_blocks.{i}.block.ff_i.experts" for kind in ("double", "single") for i in range(3)),
-        timestep_key="timesteps",
+        timestep_key="timesteps", chain=("double_stream_blocks",),  # the single blocks start from a concatenation
         single_graph=False,
         graph_break="MoE routing in MOEFeedForwardSwiGLU.moe_infer: bincount().cpu().numpy() (dynamic shape "
         "operator, transformer_hidream_image.py:389), once per block: 20 graphs, 19 breaks",
         pipeline_note="HiDreamImagePipeline: timesteps=t (FlowMatch/UniPC, 1000 * sigma)",
+        per_block=True,
     ),
     ModelSpec(
         "omnigen", "OmniGenTransformer2DModel",
@@ -620,13 +771,99 @@ _ROWS = [
         pipeline_note="OmniGenPipeline: FlowMatch(invert_sigmas, num_train_timesteps=1), t = 1 - sigma ascending; "
         "one joint sequence [text, time token, image]",
     ),
+    ModelSpec("bria", "BriaTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=3, num_single_layers=3, **_H, joint_attention_dim=TEXT_DIM, axes_dims_rope=_FLUX_ROPE),
+        _bria_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 16, 7),
+    ModelSpec("briafibo", "BriaFiboTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=3, num_single_layers=3, **_H, joint_attention_dim=TEXT_DIM, axes_dims_rope=_FLUX_ROPE, text_encoder_dim=16),
+        _briafibo_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 16, 7,
+        chain=("transformer_blocks",), side_lists=("caption_projection",)),
+    ModelSpec("longcatimage", "LongCatImageTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=3, num_single_layers=3, **_H, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, axes_dims_rope=_FLUX_ROPE),
+        _longcat_inputs, Schedule.SIGMA_DESC, ("transformer_blocks", "single_transformer_blocks"), 16, 7),
+    ModelSpec("ovisimage", "OvisImageTransformer2DModel", dict(patch_size=1, in_channels=16, out_channels=16, num_layers=3, num_single_layers=3, **_H, joint_attention_dim=TEXT_DIM, axes_dims_rope=_FLUX_ROPE),
+        _bria_inputs, Schedule.SIGMA_DESC, ("transformer_blocks", "single_transformer_blocks"), 16, 7),
+    ModelSpec("flux3", "Flux3Transformer2DModel", dict(in_channels=16, cond_in_channels=16, num_layers=2, num_single_layers=3, **_H, joint_attention_dim=TEXT_DIM, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4)),
+        _flux3_inputs, Schedule.SIGMA_DESC, ("mode_blocks.image", "single_transformer_blocks"), 16, 7, side_lists=("txt_mode_blocks", "mode_blocks.image_cond")),
+    ModelSpec("chronoedit", "ChronoEditTransformer3DModel", _WAN, _wan_inputs, Schedule.T1000_DESC, ("blocks",), 32, 7),
+    ModelSpec("wanvace", "WanVACETransformer3DModel", dict(_WAN, vace_layers=[0, 2], vace_in_channels=8), _vace_inputs, Schedule.T1000_DESC, ("blocks",), 32, 7, side_lists=("vace_blocks",)),
+    ModelSpec("helios", "HeliosTransformer3DModel", dict({k: v for k, v in _WAN.items() if k != "rope_max_seq_len"}, rope_dim=(4, 6, 6)), _wan_inputs, Schedule.T1000_DESC, ("blocks",), 32, 7),
+    ModelSpec("cogview3plus", "CogView3PlusTransformer2DModel", dict(patch_size=2, in_channels=4, out_channels=4, num_layers=3, **_H, text_embed_dim=TEXT_DIM, time_embed_dim=HIDDEN, condition_dim=16, pos_embed_max_size=16, sample_size=8),
+        _cogview3_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 16, 7),
+    ModelSpec("consisid", "ConsisIDTransformer3DModel", dict(**_H, in_channels=4, out_channels=4, time_embed_dim=HIDDEN, text_embed_dim=TEXT_DIM, num_layers=3, sample_width=8, sample_height=8, sample_frames=5, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_TOKENS),
+        _consisid_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 7),
+    ModelSpec("cosmos", "CosmosTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, text_embed_dim=TEXT_DIM, adaln_lora_dim=16, max_size=(4, 16, 16), patch_size=(1, 2, 2), encoder_hidden_states_channels=TEXT_DIM, crossattn_proj_in_channels=TEXT_DIM, concat_padding_mask=False),
+        _cosmos_inputs, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7),
+    ModelSpec("easyanimate", "EasyAnimateTransformer3DModel", dict(**_H, in_channels=4, out_channels=4, patch_size=2, sample_width=8, sample_height=8, num_layers=3, mmdit_layers=3, time_embed_dim=HIDDEN, text_embed_dim=TEXT_DIM),
+        _easyanimate_inputs, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7),
+    ModelSpec("hunyuanimage", "HunyuanImageTransformer2DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_single_layers=3, num_refiner_layers=2, patch_size=(2, 2), text_embed_dim=TEXT_DIM, rope_axes_dim=(8, 8)),
+        _hyimage_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 16, 7, side_lists=("context_embedder.token_refiner.refiner_blocks",)),
+    ModelSpec("hunyuanvideo15", "HunyuanVideo15Transformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_refiner_layers=2, patch_size=2, text_embed_dim=TEXT_DIM, text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=_FLUX_ROPE),
+                _hyv15_inputs, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7, side_lists=("context_embedder.token_refiner.refiner_blocks",),
+        single_graph=False, graph_break="data-dependent `if is_t2v:` (torch.all(image_embeds == 0)): Dynamo skips the top frame, each block is a graph",
+        per_block=True),
+    ModelSpec("prx", "PRXTransformer2DModel", dict(in_channels=4, patch_size=2, context_in_dim=TEXT_DIM, hidden_size=HIDDEN, num_heads=HEADS, depth=3, axes_dim=[8, 8]),
+        _prx_inputs, Schedule.T1000_DESC, ("blocks",), 16, 7),
+    ModelSpec("ernieimage", "ErnieImageTransformer2DModel", dict(hidden_size=HIDDEN, num_attention_heads=HEADS, num_layers=3, ffn_hidden_size=64, in_channels=4, out_channels=4, patch_size=2, text_in_dim=TEXT_DIM, rope_axes_dim=(4, 6, 6)),
+        _ernie_inputs, Schedule.T1000_DESC, ("layers",), 16, 7),
+    ModelSpec("nucleusmoe", "NucleusMoEImageTransformer2DModel", dict(patch_size=2, in_channels=16, out_channels=4, num_layers=3, **_H, joint_attention_dim=TEXT_DIM, axes_dims_rope=_FLUX_ROPE, moe_enabled=False),
+        _nucleus_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7),
+    ModelSpec("sanavideo", "SanaVideoTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_cross_attention_heads=HEADS, cross_attention_head_dim=HEAD_DIM, cross_attention_dim=HIDDEN, caption_channels=TEXT_DIM, sample_size=8, rope_max_seq_len=32),
+        _sanavideo_inputs, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7),
+    ModelSpec("latte", "LatteTransformer3DModel", dict(**_H, in_channels=4, out_channels=8, num_layers=3, cross_attention_dim=HIDDEN, sample_size=8, patch_size=2, caption_channels=TEXT_DIM, video_length=2, norm_type="ada_norm_single", num_embeds_ada_norm=1000),
+        _latte_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 7, learned_sigma=True, side_lists=("temporal_transformer_blocks",)),
+    ModelSpec("transformer2d", "Transformer2DModel", dict(**_H, in_channels=4, out_channels=8, num_layers=3, cross_attention_dim=HIDDEN, sample_size=8, patch_size=2, caption_channels=TEXT_DIM, norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False),
+        _t2d_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 16, 7, learned_sigma=True),
+    ModelSpec("dreamlite", "DreamLiteTransformer2DModel", dict(**_H, in_channels=4, out_channels=4, num_layers=3, cross_attention_dim=TEXT_DIM, norm_num_groups=4),
+        _dreamlite_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 64, 7, reads_timestep=False),
+    ModelSpec("minimaxmusic3", "MiniMaxMusic3Transformer1DModel", dict(in_channels=8, condition_dim=4, num_layers=3, **_H, ff_inner_dim=64, rotary_dim=8, fourier_embedding_dim=16),
+        _music_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7),
+    ModelSpec("joyimageedit", "JoyImageEditTransformer3DModel", dict(in_channels=4, out_channels=4, hidden_size=HIDDEN, num_attention_heads=HEADS, text_dim=TEXT_DIM, num_layers=3, rope_dim_list=[4, 6, 6]),
+        _joy_inputs, Schedule.T1000_DESC, ("double_blocks",), 32, 7),
+    ModelSpec("motifvideo", "MotifVideoTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_single_layers=3, patch_size=2, text_embed_dim=TEXT_DIM, rope_axes_dim=_FLUX_ROPE),
+        _motif_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 32, 7),
+    ModelSpec("qwenimage21", "QwenImage21Transformer2DModel", dict(patch_size=1, in_channels=16, out_channels=16, num_layers=3, **_H, context_in_dim=TEXT_DIM, axes_dims_rope=_FLUX_ROPE),
+        _qwen21_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7, out_tokens=16,
+        single_graph=False, graph_break="data-dependent token layout in the prologue (repeat_interleave by img_mask, boolean-mask assignment, int() of a sum): 3 graphs; the piece holding the blocks reads no timestep"),
+    ModelSpec("framepack", "HunyuanVideoFramepackTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_single_layers=3, num_refiner_layers=2, patch_size=2, text_embed_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, rope_axes_dim=_FLUX_ROPE, image_proj_dim=16, has_image_proj=True, has_clean_x_embedder=True),
+                _framepack_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 32, 7, side_lists=("context_embedder.token_refiner.refiner_blocks",),
+        single_graph=False, graph_break="a tensor-indexed slice calls .item(): Dynamo skips the top frame, each block is a graph",
+        per_block=True),
+    ModelSpec("kandinsky6", "Kandinsky6Transformer3DModel", dict(in_visual_dim=4, out_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=16, time_dim=HIDDEN, model_dim=HIDDEN, ff_dim=64, num_text_blocks=2, num_visual_blocks=3, axes_dims=(4, 6, 6), visual_cond=False),
+        _k6_inputs, Schedule.T1000_DESC, ("visual_transformer_blocks",), 32, 7,
+        side_lists=("video_text_transformer_blocks", "audio_text_transformer_blocks")),
+    # Flex attention: its mask is built under vmap inside every block (the split keeps each vmap level whole).
+    ModelSpec("kandinsky6sr", "Kandinsky6SRTransformer3DModel", dict(in_visual_dim=4, out_visual_dim=9, time_dim=HIDDEN, model_dim=HIDDEN, ff_dim=64, num_visual_blocks=3, axes_dims=(4, 6, 6)),
+        _k6sr_inputs, Schedule.T1000_DESC, ("visual_transformer_blocks",), 128, 0),
+    ModelSpec("temporal", "TransformerTemporalModel", dict(**_H, in_channels=4, out_channels=4, num_layers=3, norm_num_groups=4),
+        _temporal_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 0, reads_timestep=False),
 ]
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _ROWS}
+# The whole zoo (issue 16: every diffusers DiT class we can build tiny); MODELS is the 22-row core that the
+# backend, dynamic-shape and context-parallel suites sweep, so the sweep of the zoo runs once (test_models.py).
+ZOO: dict[str, ModelSpec] = {spec.name: spec for spec in _ROWS}
+_CORE = ("flux", "flux2", "sd3", "qwenimage", "wan", "skyreelsv2", "hunyuanvideo", "cogvideox", "pixart", "ltx", "zimage",
+         "chroma", "auraflow", "cogview4", "allegro", "dit", "hunyuandit", "sana", "kandinsky5", "mochi", "lumina2",
+         "hidream", "omnigen")
+MODELS: dict[str, ModelSpec] = {name: ZOO[name] for name in _CORE}
 
 
 def get(name: str) -> ModelSpec:
     try:
-        return MODELS[name]
+        return ZOO[name]
     except KeyError:
-        raise KeyError(f"no tiny model named {name!r}; known: {sorted(MODELS)}") from None
+        raise KeyError(f"no tiny model named {name!r}; known: {sorted(ZOO)}") from None
+
+
+README_BEGIN = "<!-- models table: generated by `python -m tests.models`; tests/test_models.py checks it -->"
+README_END = "<!-- end of models table -->"
+
+
+def readme_table() -> str:
+    """The README's table of every diffusers transformer class in the zoo and its status."""
+    lines = [README_BEGIN, "", "| diffusers class | row | chain | status |", "|---|---|---|---|"]
+    for spec in sorted(_ROWS, key=lambda s: s.cls):
+        chain = " → ".join(f"`{path}`" for path in spec.chain or spec.block_lists)
+        lines.append(f"| {spec.cls} | `{spec.name}` | {chain} | {spec.status} |")
+    return "\n".join(lines + ["", README_END])
+
+
+if __name__ == "__main__":
+    print(readme_table())

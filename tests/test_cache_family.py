@@ -33,19 +33,46 @@ SETTINGS = [
 ]
 
 
-def test_every_policy_through_one_graph_without_recompiles_or_graph_breaks():
-    model, fast = compile_fresh(threshold=0.4, warmup_steps=2)
-    outs = [Request(1, timesteps(9), explicit=True, settings=s).run(fast) for s in SETTINGS]
+# With the per-block split (compiled with policy="dbprune"), requests choose DBCache or DBPrune.
+PRUNE_SETTINGS = [
+    {"policy": "dbprune", "prune_threshold": 0.4},
+    {"policy": "dbprune", "prune_threshold": 0.4, "non_prune_blocks": "2", "max_continuous_cached_steps": 1},
+    {"policy": "dbprune", "scm": "110100101", "scm_policy": "static"},
+    {"policy": "dbprune", "calibrator": "taylorseer"},
+    {"force_refresh_step_hint": 4},
+]
+
+
+@pytest.mark.parametrize("compiled", ["dbcache", "dbprune"])
+def test_every_policy_through_one_graph_without_recompiles_or_graph_breaks(compiled):
+    model, fast = compile_fresh(threshold=0.4, warmup_steps=2, policy=compiled)
+    if compiled == "dbprune":  # the compiled default is dbprune: the DBCache settings ask for dbcache
+        settings = [{"policy": "dbcache", **s} for s in SETTINGS + PRUNE_SETTINGS[-1:]] + PRUNE_SETTINGS[:-1]
+    else:
+        settings = SETTINGS + PRUNE_SETTINGS[-1:]
+    outs = [Request(1, timesteps(9), explicit=True, settings=s).run(fast) for s in settings]
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["graph_break"].values()) == 0
     records = cachedit.stats(model)
-    assert [r.settings for r in records] == SETTINGS
-    by = {str(s): r for s, r in zip(SETTINGS, records)}
+    assert [r.settings for r in records] == settings
+    for record, s in zip(records, settings):
+        if s.get("policy") == "dbprune":
+            pruned = record.branches["main"].pruned_blocks
+            assert any(pruned.values()), f"{s}: nothing pruned"
+            if "non_prune_blocks" in s:
+                assert 2 not in {b for blocks in pruned.values() for b in blocks}, pruned
+    by = {str(s): r for s, r in zip(SETTINGS, records)}  # the first len(SETTINGS) requests, either way
     assert by[str({"budget": 0.4})].num_computed_steps == math.ceil(0.4 * 9)
     static = by[str({"scm": "110100101", "scm_policy": "static"})]
     assert static.branches["main"].cached_steps == [2, 4, 5, 7]
     assert all(torch.isfinite(out).all() for out in outs)
     assert all(r.bytes_held == 0 for r in records), "every explicit request ended"
+
+
+def test_dbprune_needs_the_per_block_split():
+    _, fast = compile_fresh(threshold=0.4, warmup_steps=2)
+    with pytest.raises(ValueError, match="policy='dbprune' decides per block.*options=\\{'policy': 'dbprune'\\}"):
+        Request(1, timesteps(3), explicit=True, settings={"policy": "dbprune"}).run(fast)
 
 
 @pytest.mark.parametrize("budget", [0.25, 0.5, 0.75])

@@ -303,3 +303,78 @@ def test_bare_transformer_matches_cache_dit_and_avoids_its_off_by_one(cache_dit,
     reference_second = denoise(transformer, BARE_STEPS)
     assert (reference_second - reference_first).abs().max() > 1e-3, "cache-dit no longer shows the off-by-one"
 
+
+
+# --- forced refresh ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hint,policy", [(10, "once"), (8, "repeat")])
+def test_force_refresh_matches_cache_dit(cache_dit, hint, policy):
+    """``force_refresh_step_hint``: the cache state restarts at the hint (and its multiples with "repeat").
+
+    cache-dit's summary after a refresh mixes step numbers from before and after it, so the comparison is
+    on what the generation computed: the latents, against the run without a refresh to show it mattered.
+    """
+    options = dict(Fn=1, Bn=0, threshold=0.35, warmup_steps=3)
+    refresh = dict(force_refresh_step_hint=hint, force_refresh_step_policy=policy)
+    reference = run_reference(cache_dit, options, 24, False, **refresh)
+    ours = run_cachedit({**options, **refresh}, 24, False, "batched")
+    plain = run_cachedit(options, 24, False, "batched")
+    torch.testing.assert_close(ours.latents, reference.latents, rtol=0, atol=LATENT_ATOL)
+    assert (ours.latents - plain.latents).abs().max() > 1e-3, "the refresh changed nothing: pick another hint"
+    starts = [0, hint] if policy == "once" else list(range(0, 24, hint))
+    warmup = {s + i for s in starts for i in range(options["warmup_steps"])}
+    reasons = ours.reasons["main"]
+    assert {s for s, r in reasons.items() if Reason.WARMUP.value in r} == warmup, reasons
+    assert ours.cached["main"] and all(s not in warmup for s in ours.cached["main"])
+
+
+# --- DBPrune -------------------------------------------------------------------------------------------------------
+
+PRUNE_STEPS = 16
+
+
+def run_prune_reference(cache_dit, options: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    pipe = tiny_flux_pipeline(type("FluxPipeline", (FluxPipeline,), {}))
+    names = {**_REFERENCE_NAMES, "prune_threshold": "residual_diff_threshold", "non_prune_blocks": "non_prune_block_ids"}
+    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBPruneConfig(**{names[k]: v for k, v in options.items()}))
+    latents = generate(pipe, PRUNE_STEPS)
+    return latents, cache_dit.summary(pipe, logging=False)[0]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        # Two thresholds inside this model's block diffs (0.03-0.38): prunes stop at different steps.
+        dict(Fn=1, Bn=0, prune_threshold=0.2, warmup_steps=4),
+        dict(Fn=1, Bn=0, prune_threshold=0.35, warmup_steps=4),
+        # Fn/Bn, an excluded block and a run-length limit: decisions differ between blocks of one step.
+        dict(Fn=2, Bn=1, prune_threshold=0.3, warmup_steps=3, max_continuous_cached_steps=3, non_prune_blocks=[3]),
+        # The step of the 4th prune counts as cached at its first pruned block: the blocks after it run.
+        dict(Fn=1, Bn=0, prune_threshold=0.35, warmup_steps=4, max_cached_steps=4),
+    ],
+    ids=["F1-0.2", "F1-0.35", "F2B1-MC3-skip3", "M4"],
+)
+def test_dbprune_matches_cache_dit(cache_dit, options):
+    """Per step, the same pruned-block counts and block diffs as cache-dit 1.5.3's DBPrune, and the same latents."""
+    reference_latents, reference = run_prune_reference(cache_dit, options)
+    fresh_dynamo()
+    pipe = tiny_flux_pipeline()
+    cachedit.enable(pipe, inner="eager", cfg="batched", policy="dbprune", **options)
+    latents = generate(pipe, PRUNE_STEPS)
+    (record,) = cachedit.stats(pipe.transformer)
+    branch = record.branches["main"]
+    counts = [len(branch.pruned_blocks[s]) for s in range(PRUNE_STEPS)]
+    assert counts == list(reference.pruned_blocks), (counts, reference.pruned_blocks)
+    excluded = set(options.get("non_prune_blocks", ()))
+    assert not excluded & {b for blocks in branch.pruned_blocks.values() for b in blocks}
+    if "max_cached_steps" in options:
+        assert counts[branch.cached_steps[-1]] == 1, f"the last cached step pruned {counts} blocks, not only its first"
+    assert branch.cached_steps == list(reference.cached_steps)
+    assert 0 < len(branch.cached_steps) < PRUNE_STEPS - options["warmup_steps"], "trivial schedule: pick another τ"
+    threshold = options["prune_threshold"]
+    for step, diffs in reference.residual_diffs.items():
+        mine = list(branch.block_diffs[int(step)].values())
+        assert mine == pytest.approx(list(diffs), rel=DIFF_RTOL), f"step {step}"
+        assert all(abs(d - threshold) >= MARGIN for d in diffs), f"step {step}: a diff within {MARGIN} of τ"
+    torch.testing.assert_close(latents, reference_latents, rtol=0, atol=LATENT_ATOL)

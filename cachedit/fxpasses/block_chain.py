@@ -10,13 +10,25 @@ Algorithm:
   1. Parse each node's module stack into a dotted path (``single_transformer_blocks.1.attn``); the
      outermost ``<list>.<int>`` prefix whose item class is not a torch builtin names the node's block.
   2. A list is a candidate when it has at least two items of one class whose node ranges do not
-     interleave (block i ends before block i + 1 starts).
-  3. The chain starts as the candidate with the most blocks and grows to an adjacent list when the two
-     are *joined*: the streams of the later list (inputs of its first block shaped like what that
-     block hands to its second) all come straight from the last block of the earlier list, and those
-     outputs feed nothing else. Flux's double then single blocks are joined; text refiners
-     (HunyuanVideo, Z-Image, Lumina2) and Kandinsky 5's text blocks, whose output meets an image stream
-     that comes from the prologue, are not.
+     interleave (block i ends before block i + 1 starts), and every block attends: an attention op
+     (``scaled_dot_product_attention``, ``flex_attention``, or a ``softmax``) is among its nodes. A
+     list of bare layers (BriaFibo's ``caption_projection`` of per-block text projections, MoE
+     experts) is never the chain, however long.
+  3. The main list is the candidate that does the most work: the parameter elements its blocks read,
+     then its node count (a text refiner or a text-only encoder of two blocks loses to the 40 blocks
+     that carry the image, whatever the list lengths).
+  4. The chain grows from the main list to an adjacent list when the two are *joined*: the streams of
+     the later list (inputs of its first block shaped like what that block hands to its second) come
+     straight from the last block of the earlier list, except streams that come straight from the last
+     block of a list that ran before it (a stream with blocks of its own: Flux.3's text mode blocks),
+     at least one comes from the earlier list, and the earlier list's outputs feed nothing else.
+     Flux's double then single blocks are joined, and so are Flux.3's image mode blocks and its joint
+     single blocks (the text stream enters those from ``txt_mode_blocks``, which run first); text
+     refiners (HunyuanVideo, Z-Image, Lumina2) and Kandinsky 5's text blocks, whose output meets an
+     image stream that comes from the prologue, are not, nor is Flux.3's ``txt_mode_blocks`` (the
+     image mode blocks never read the text stream). Lists handing over through glue between the blocks
+     (BriaFibo re-concatenates text and image before every single block) are not joined either: the
+     stream changes shape between them, so a residual across both lists has no single shape.
 
 Debugging: ``cachedit.explain(model)`` prints the lists found and why each was or was not chained.
 """
@@ -133,6 +145,9 @@ def find_block_chain(gm: torch.fx.GraphModule) -> BlockChain:
         span[2] = i
         node_block[node] = (lst, idx)
 
+    members: dict[tuple[str, int], list[torch.fx.Node]] = {}
+    for node, key in node_block.items():
+        members.setdefault(key, []).append(node)
     candidates: dict[str, list[Block]] = {}
     verdicts: dict[str, str] = {}
     for lst, items in spans.items():
@@ -143,25 +158,35 @@ def find_block_chain(gm: torch.fx.GraphModule) -> BlockChain:
             verdicts[lst] = "items of different classes"
         elif any(a.last >= b.first for a, b in zip(blocks, blocks[1:])):
             verdicts[lst] = "blocks interleave or run out of order"
+        elif not all(any(_attends(n) for n in members[(lst, b.index)]) for b in blocks):
+            verdicts[lst] = f"no attention in its {blocks[0].cls_name} items: bare layers, not blocks"
         else:
             candidates[lst] = blocks
     if not candidates:
         found = ", ".join(f"{k} ({v})" for k, v in verdicts.items()) or "none"
         raise NoChain(f"no nn.ModuleList of repeated blocks found in the graph (lists seen: {found})")
 
+    work = {lst: _work(candidates[lst], members) for lst in candidates}
     order = sorted(candidates, key=lambda lst: candidates[lst][0].first)
-    main = max(order, key=lambda lst: len(candidates[lst]))  # ties: the earliest list
+    main = max(order, key=lambda lst: work[lst])  # ties: the earliest list
     chain = [main]
     k = order.index(main)
-    while k > 0 and _joined(candidates[order[k - 1]], candidates[order[k]], nodes, node_block):
+    while k > 0 and _joined(candidates[order[k - 1]], candidates[order[k]], nodes, node_block, order[: k - 1], candidates):
         k -= 1
         chain.insert(0, order[k])
     k = order.index(main)
-    while k + 1 < len(order) and _joined(candidates[order[k]], candidates[order[k + 1]], nodes, node_block):
+    while k + 1 < len(order) and _joined(candidates[order[k]], candidates[order[k + 1]], nodes, node_block, order[:k], candidates):
         k += 1
         chain.append(order[k])
     for lst in order:
-        verdicts[lst] = "in the chain" if lst in chain else "not joined to the main list"
+        params, count = work[lst]
+        size = f"{params} parameter elements, {count} nodes"
+        if lst == main:
+            verdicts[lst] = f"in the chain (main list: the most work, {size})"
+        elif lst in chain:
+            verdicts[lst] = f"in the chain (joined: carries the main list's streams, {size})"
+        else:
+            verdicts[lst] = f"not joined to the main list ({size})"
 
     blocks = tuple(b for lst in chain for b in candidates[lst])
     index_of = {(b.list_path, b.index): i for i, b in enumerate(blocks)}
@@ -175,12 +200,15 @@ def _joined(
     later: list[Block],
     nodes: list[torch.fx.Node],
     node_block: dict[torch.fx.Node, tuple[str, int]],
+    before: list[str],
+    candidates: dict[str, list[Block]],
 ) -> bool:
     """Whether ``later`` continues the carried state of ``earlier`` (see Note [Block chain]).
 
     The streams of ``later`` are the inputs of its first block that have the shape of a value that
-    block hands to the second one; they must all be outputs of the last block of ``earlier``, and
-    those outputs must feed nothing but ``later``.
+    block hands to the second one; at least one must be an output of the last block of ``earlier``,
+    the others outputs of the last block of a list in ``before`` (lists that ran earlier still), and
+    the outputs of ``earlier`` must feed nothing but ``later``.
     """
     last, first, second = earlier[-1], later[0], later[1]
     if last.last >= first.first:
@@ -194,7 +222,33 @@ def _joined(
     handed_on = {shape_key(n) for n in first_nodes if any(u in second_nodes for u in n.users)}
     inputs = {a for n in first_nodes for a in n.all_input_nodes if a not in first_nodes}
     streams = [a for a in inputs if shape_key(a) in handed_on and a.op != "placeholder"]
-    return bool(streams) and all(a in outputs for a in streams)
+    ends_before = {key(candidates[lst][-1]) for lst in before}
+    ours = [a for a in streams if a in outputs]
+    return bool(ours) and all(a in outputs or node_block.get(a) in ends_before for a in streams)
+
+
+_ATTENTION_OPS = ("scaled_dot_product_attention", "flex_attention", "softmax")
+
+
+def _attends(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an attention op: SDPA, flex attention, or the softmax of a hand-written one."""
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "") or str(target)
+    return node.op in ("call_function", "call_method") and any(op in name for op in _ATTENTION_OPS)
+
+
+def _work(blocks: list[Block], members: dict[tuple[str, int], list[torch.fx.Node]]) -> tuple[int, int]:
+    """(parameter elements read, nodes) of a list's blocks: how much of the forward the list is."""
+    params: dict[torch.fx.Node, int] = {}
+    count = 0
+    for b in blocks:
+        for node in members[(b.list_path, b.index)]:
+            count += 1
+            for a in node.all_input_nodes:
+                value = a.meta.get("example_value")
+                if is_static_input(a) and isinstance(value, torch.Tensor):
+                    params[a] = value.numel() if isinstance(value.numel(), int) else 0
+    return sum(params.values()), count
 
 
 def shape_key(node: torch.fx.Node) -> tuple | None:

@@ -19,6 +19,18 @@ Algorithm:
      The head also returns its residual ``primary after block Fn-1 - primary entering block 0``,
      which the gate compares against the last computed step.
 
+Note [Per-block split]
+~~~~~~~~~~~~~~~~~~~~~~
+DBPrune (``policy="dbprune"``) decides per middle block, so with ``per_block`` the middle is cut again at
+every block boundary: one part per block, each behind its own reuse node, in chain order. A part's
+carried inputs are the streams from the head or an earlier part; every value it hands to a later part
+must continue one of them by shape (so a pruned block can rebuild it as input + residual), which holds
+for every chain whose blocks map streams to streams; a graph where it does not (a long skip connection
+between blocks) declines the per-block split and the backend falls back to the one-part middle with a
+logged reason. The same parts serve DBCache requests: a cached step adds each part's own residual, whose
+sum over the parts is the middle's residual of the same computed step (fp32 rounding of the sums apart).
+Each part returns its residuals after its outputs, as the one-part middle does.
+
 Note [Sizes across parts]
 ~~~~~~~~~~~~~~~~~~~~~~~~~
 Under dynamic shapes (``dynamic=True``, or Dynamo's automatic dynamic recompile after a second input
@@ -57,6 +69,22 @@ _TIMESTEP_NAME = re.compile(r"^l_(?:kwargs_)?(timesteps?|t|sigmas?)_$")
 
 
 @dataclasses.dataclass(frozen=True)
+class Segment:
+    """One gated part of the middle: all middle blocks (DBCache), or one block (per-block split, DBPrune).
+
+    Its compiled part takes ``carried`` (the streams entering it) first and returns its outputs, then one
+    residual per output: ``output j - carried[residual_of[j]]``.
+    """
+
+    part: str  # the submodule of the compiled part: "middle", or "middle<i>" per block
+    reuse: str  # the node that runs it or rebuilds its outputs: "cachedit_reuse", or "cachedit_reuse<i>"
+    blocks: tuple[int, ...]  # chain positions of its blocks
+    carried: tuple[str, ...]
+    residual_of: tuple[int, ...]
+    primary: int  # index into ``carried`` of the primary stream (DBPrune compares it with the last computed step's)
+
+
+@dataclasses.dataclass(frozen=True)
 class StepCacheLayout:
     """How the parts connect: what the gate and the reuse node need to know about the split."""
 
@@ -72,13 +100,21 @@ class StepCacheLayout:
     latent: str | None  # the graph input the primary stream comes from: the same tensor again = a CFG call
     conditioning: str | None  # the largest other input (text embedding): made once per generation
     part_sizes: dict[str, int]  # nodes per part, for explain and tests
+    segments: tuple[Segment, ...] = ()  # the gated parts in order (one, or one per middle block)
+
+    @property
+    def per_block(self) -> bool:
+        return len(self.segments) > 1 or (len(self.segments) == 1 and self.segments[0].part != "middle")
 
     def describe(self) -> str:
         carried = ", ".join(
             f"{n} [{', '.join(s)}]" + (" (primary)" if i == self.primary else "")
             for i, (n, s) in enumerate(zip(self.carried, self.carried_shapes))
         )
-        sizes = " | ".join(f"{p} {n} nodes" for p, n in self.part_sizes.items())
+        sizes = " | ".join(f"{p} {n} nodes" for p, n in self.part_sizes.items() if not p.startswith("middle") or p == "middle")
+        if self.per_block:
+            n = sum(v for p, v in self.part_sizes.items() if p.startswith("middle"))
+            sizes = sizes.replace(" | tail", f" | middle {n} nodes in {len(self.segments)} per-block parts | tail")
         return "\n".join(
             [
                 f"split F{self.fn}B{self.bn} of {self.chain_len} blocks: {sizes}",
@@ -129,6 +165,13 @@ def find_request_inputs(
             ancestors.add(node)
             frontier += node.all_input_nodes
     by_size = sorted(user, key=lambda n: -_numel_hint(n.meta["example_value"]))
+    # The model predicts something shaped like its latent: an input of the output's shape comes first, so a
+    # condition larger than the latent (MiniMax Music 3's 2048-wide condition) is not taken for it.
+    (output,) = gm.graph.find_nodes(op="output")
+    returned: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(output.args[0], returned.append)
+    out_key = shape_key(returned[0]) if returned else None
+    by_size.sort(key=lambda n: out_key is None or shape_key(n) != out_key)  # stable: sizes order the rest
     latent = next((n for n in by_size if n in ancestors), None)
     # Batched embeddings ([B, L, D]) first: a 2-d input can be a position table the pipeline also makes
     # once per generation, but the text embedding is what differs between two requests.
@@ -158,10 +201,13 @@ def insert_step_cache_gate(
     fn: int,
     bn: int,
     make_gate: Callable[[StepCacheLayout], torch.nn.Module],
-    make_reuse: Callable[[StepCacheLayout], torch.nn.Module],
+    make_reuse: Callable[[StepCacheLayout, int], torch.nn.Module],
+    per_block: bool = False,
 ) -> tuple[torch.fx.GraphModule, StepCacheLayout]:
     """Return a top-level GraphModule: ``head`` -> ``cachedit_gate`` -> ``cachedit_reuse(middle)`` -> ``tail``.
 
+    With ``per_block`` the middle is one part per block, each behind its own reuse node
+    (``cachedit_reuse<i>(middle<i>)``, Note [Per-block split]); ``make_reuse(layout, k)`` makes the k-th.
     Invariant: with the gate always computing, the top-level module computes exactly what ``gm`` does
     (the same nodes run in the same order; only the residual subtractions are added).
     Raises ``NoChain`` when the chain cannot be split at ``fn``/``bn``; ``gm`` is never modified.
@@ -176,6 +222,10 @@ def insert_step_cache_gate(
     cut_a = chain.blocks[fn].first
     cut_b = chain.blocks[n_blocks - bn].first if bn else chain.blocks[-1].last + 1
 
+    middle_blocks = list(range(fn, n_blocks - bn))
+    groups = [[b] for b in middle_blocks] if per_block else [middle_blocks]
+    names = [f"middle{g[0]}" for g in groups] if per_block else ["middle"]
+    starts = [chain.blocks[g[0]].first for g in groups]
     part: dict[torch.fx.Node, str] = {}
     in_middle_block: set[torch.fx.Node] = set()
     in_chain_block: set[torch.fx.Node] = set()
@@ -189,35 +239,61 @@ def insert_step_cache_gate(
         if pos < cut_a:
             part[node] = "head"
         elif pos < cut_b:
-            middle_dep = (block is not None and fn <= block < n_blocks - bn) or any(
-                a in in_middle_block for a in node.all_input_nodes
+            middle_dep = (
+                (block is not None and fn <= block < n_blocks - bn)
+                or any(a in in_middle_block for a in node.all_input_nodes)
+                or _side_effect(node)  # keeps its place: e.g. the end of a vmap the middle began
             )
             if middle_dep:
                 in_middle_block.add(node)
-            part[node] = "middle" if middle_dep else "head"  # hoist invariants into the head
+            # hoist invariants into the head; the rest goes to the segment whose range holds it
+            part[node] = names[sum(pos >= start for start in starts) - 1] if middle_dep else "head"
         else:
             part[node] = "tail"
 
-    needs = _part_inputs(nodes, part)
+    needs = _part_inputs(nodes, part, ["head", *names, "tail", "output"])
 
     def uses(src: str, dst: str) -> list[torch.fx.Node]:
         return [n for n in needs[dst] if part[n] == src]
 
-    middle_in = uses("head", "middle")
-    carried = [n for n in middle_in if n in in_chain_block and isinstance(n.meta.get("example_value"), torch.Tensor)]
+    middle_in = [n for name in names for n in uses("head", name)]
+    middle_in = list(dict.fromkeys(middle_in))
+    # Per segment: the streams entering it (from the head or an earlier segment), and what it hands on.
+    seg_carried, seg_out = [], []
+    for k, name in enumerate(names):
+        earlier = {"head", *names[:k]}
+        coming = [n for n in needs[name] if part[n] in earlier]
+        seg_carried.append([n for n in coming if n in in_chain_block and isinstance(n.meta.get("example_value"), torch.Tensor)])
+        later = {*names[k + 1 :], "tail", "output"}
+        seg_out.append(list(dict.fromkeys(n for dst in later for n in needs[dst] if part[n] == name)))
+        # A stream with blocks of its own outside the chain (Flux.3's text mode blocks run before the chain)
+        # enters without depending on a chain block; the segment still changes it, so it is carried.
+        for out in seg_out[-1]:
+            if not any(shape_key(c) == shape_key(out) for c in seg_carried[-1]):
+                promoted = [
+                    n
+                    for n in coming
+                    if n not in seg_carried[-1] and isinstance(n.meta.get("example_value"), torch.Tensor)
+                    and shape_key(n) == shape_key(out)
+                ]
+                if len(promoted) == 1:
+                    seg_carried[-1].append(promoted[0])
+    carried = seg_carried[0]
     invariants = [n for n in middle_in if n not in carried]  # and the sizes (SymInts) the middle reads
-    middle_out = uses("middle", "tail") + uses("middle", "output")
-    middle_out = list(dict.fromkeys(middle_out))
+    middle_out = [n for outs in seg_out for n in outs if any(part[u] in ("tail", "output") for u in n.users)]
     if not carried or not middle_out:
         raise NoChain(f"the middle blocks exchange no stream with the head and tail ({chain.describe()})")
-    not_tensors = [n.name for n in middle_out if not isinstance(n.meta.get("example_value"), torch.Tensor)]
+    not_tensors = [n.name for outs in seg_out for n in outs if not isinstance(n.meta.get("example_value"), torch.Tensor)]
     if not_tensors:  # a skipped middle could not provide them (not seen in any zoo model)
         raise NoChain(
             f"the blocks after the middle read non-tensor values computed inside it ({', '.join(not_tensors)}), "
             "which a cached step could not provide; compile with static shapes (dynamic=False)"
         )
-
-    residual_of = tuple(_match(out, carried, "a middle output", "the streams entering the middle") for out in middle_out)
+    seg_residual_of = [
+        tuple(_match(out, ins, "a middle output", "the streams entering the middle") for out in outs)
+        for ins, outs in zip(seg_carried, seg_out)
+    ]
+    residual_of = seg_residual_of[0]
     # The primary stream: what the last block hands to the epilogue.
     last = chain.blocks[-1]
     final = [
@@ -238,6 +314,17 @@ def insert_step_cache_gate(
     ]
     entering = list(dict.fromkeys(entering))
     h0 = entering[_match(carried[primary], entering, "the primary stream", "the values entering block 0")]
+    segments = tuple(
+        Segment(
+            part=name,
+            reuse="cachedit_reuse" + name.removeprefix("middle"),
+            blocks=tuple(group),
+            carried=tuple(n.name for n in ins),
+            residual_of=res,
+            primary=_match(final[0], ins, "the stream leaving the chain", f"the streams entering {name}"),
+        )
+        for name, group, ins, res in zip(names, groups, seg_carried, seg_residual_of)
+    )
 
     timestep = find_timestep(gm)
     latent, conditioning = find_request_inputs(gm, h0, timestep)
@@ -253,11 +340,12 @@ def insert_step_cache_gate(
         timestep=timestep.name if timestep is not None else None,
         latent=latent.name if latent is not None else None,
         conditioning=conditioning.name if conditioning is not None else None,
-        part_sizes={p: sum(v == p for v in part.values()) for p in ("head", "middle", "tail")},
+        part_sizes={p: sum(v == p for v in part.values()) for p in ("head", *names, "tail")},
+        segments=segments,
     )
 
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    head_out = uses("head", "middle") + [n for n in uses("head", "tail") if n not in middle_in]
+    head_out = middle_in + [n for n in uses("head", "tail") if n not in middle_in]
     head_out += [n for n in uses("head", "output") if n not in head_out]
     head_out = list(dict.fromkeys(head_out))
     head = _extract(
@@ -270,20 +358,24 @@ def insert_step_cache_gate(
         head_out,
         extra=lambda g, env: [g.call_function(operator.sub, (env[carried[primary]], env[h0]))],
     )
-    middle_inputs = carried + invariants
-    middle = _extract(
-        gm,
-        nodes,
-        part,
-        needs,
-        "middle",
-        middle_inputs + placeholders,
-        middle_out,
-        extra=lambda g, env: [
-            g.call_function(operator.sub, (env[out], env[carried[j]])) for out, j in zip(middle_out, residual_of)
-        ],
-        first_inputs=len(middle_inputs),
-    )
+    middles = []
+    for name, ins, outs, res in zip(names, seg_carried, seg_out, seg_residual_of):
+        others = [n for n in needs[name] if n not in ins and n.op != "placeholder"]  # invariants, sizes
+        middles.append(
+            _extract(
+                gm,
+                nodes,
+                part,
+                needs,
+                name,
+                ins + others + placeholders,
+                outs,
+                extra=lambda g, env, outs=outs, ins=ins, res=res: [
+                    g.call_function(operator.sub, (env[out], env[ins[j]])) for out, j in zip(outs, res)
+                ],
+                first_inputs=len(ins) + len(others),
+            )
+        )
     tail_values = middle_out + [n for n in head_out if n in needs["tail"]]
     tail_out_nodes = [n for n in nodes if part[n] == "tail" and any(part[u] == "output" for u in n.users)]
     tail = _extract(gm, nodes, part, needs, "tail", tail_values + placeholders, tail_out_nodes, first_inputs=len(tail_values))
@@ -298,21 +390,35 @@ def insert_step_cache_gate(
     owner = env[_first_parameter(placeholders)]  # names the model instance at run time
     signals = [env[n] if n is not None else None for n in (timestep, latent, conditioning)]
     gate = top.call_module("cachedit_gate", (residual, signals[0], owner, *signals[1:]))
-    reuse = top.call_module("cachedit_reuse", (gate, top.get_attr("middle"), *(env[n] for n in middle[1])))
-    for j, out in enumerate(middle_out):
-        env[out] = top.call_function(operator.getitem, (reuse, j))
+    for segment, outs, (_, inputs) in zip(segments, seg_out, middles):
+        reuse = top.call_module(segment.reuse, (gate, top.get_attr(segment.part), *(env[n] for n in inputs)))
+        for j, out in enumerate(outs):
+            env[out] = top.call_function(operator.getitem, (reuse, j))
     if tail_out_nodes:
         env.update(zip(tail_out_nodes, _call_part(top, "tail", tail, env)))
     (out_node,) = [n for n in nodes if n.op == "output"]
     top.output(torch.fx.map_arg(out_node.args[0], lambda a: env[a]))
 
-    modules = {"head": head[0], "middle": middle[0], "cachedit_gate": make_gate(layout), "cachedit_reuse": make_reuse(layout)}
+    modules = {"head": head[0], "cachedit_gate": make_gate(layout)}
+    for k, (segment, (module, _)) in enumerate(zip(segments, middles)):
+        modules[segment.part], modules[segment.reuse] = module, make_reuse(layout, k)
     if tail_out_nodes:
         modules["tail"] = tail[0]
     result = torch.fx.GraphModule(modules, top, class_name="CacheditStepCached")
     result.graph.lint()
     result.recompile()
     return result, layout
+
+
+def _side_effect(node: torch.fx.Node) -> bool:
+    """A node that changes global state (grad mode, functorch's vmap level) rather than computing a value.
+
+    Such a node must run where it stands: hoisted out of the middle it would pair with nothing (a vmap
+    level left open, Kandinsky 6 SR's flex-attention masks) or run on cached steps that skip its partner.
+    torch 2.13 lists grad-mode and jvp-level calls as side-effectful, but not the vmap level calls.
+    """
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and (node.is_impure() or name.endswith(("_increment_nesting", "_decrement_nesting")))
 
 
 def _first_parameter(placeholders: list[torch.fx.Node]) -> torch.fx.Node:
@@ -347,7 +453,9 @@ def _match(value: torch.fx.Node, candidates: list[torch.fx.Node], what: str, amo
     return same[0]
 
 
-def _part_inputs(nodes: list[torch.fx.Node], part: dict[torch.fx.Node, str]) -> dict[str, list[torch.fx.Node]]:
+def _part_inputs(
+    nodes: list[torch.fx.Node], part: dict[torch.fx.Node, str], names: list[str]
+) -> dict[str, list[torch.fx.Node]]:
     """Per part, the values of other parts (and graph inputs) it reads, in graph order.
 
     Under dynamic shapes a part also needs every symbol its values' sizes mention (Note [Sizes across
@@ -359,7 +467,7 @@ def _part_inputs(nodes: list[torch.fx.Node], part: dict[torch.fx.Node, str]) -> 
         value = node.meta.get("example_value")
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) and value.node.expr.is_Symbol:
             defines.setdefault(value.node.expr, node)
-    needs: dict[str, dict[torch.fx.Node, None]] = {"head": {}, "middle": {}, "tail": {}, "output": {}}
+    needs: dict[str, dict[torch.fx.Node, None]] = {name: {} for name in names}
     for node in nodes:
         name = part[node]
         if name not in needs:

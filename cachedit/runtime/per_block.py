@@ -277,7 +277,7 @@ class ModelBlocks:
             outs = runner.compiled(*args)
             return (*outs, *(o - x for o, x in zip(outs, inputs)))
 
-        outs = runner.cache.reuse(fwd.gated, middle, tuple(range(len(entering))), entering)
+        outs = runner.cache.reuse(fwd.gated, middle, 0, _segment(len(entering)), entering)
         if bn == 0:
             self.forwards.pop(context, None)
         return list(outs)
@@ -369,8 +369,20 @@ class ModelBlocks:
         entering = [best.fn_out[name] for name in names]
         outs = [last_named[name] for name in names]
         last_runner.cache.reuse(
-            gated, lambda *inputs: (*outs, *(o - x for o, x in zip(outs, inputs))), tuple(range(len(names))), entering
+            gated, lambda *inputs: (*outs, *(o - x for o, x in zip(outs, inputs))), 0, _segment(len(names)), entering
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    """What ``StepCache.reuse`` needs of the one gated part: output j continues stream j."""
+
+    residual_of: tuple[int, ...]
+    primary: int = 0
+
+
+def _segment(n: int) -> _Segment:
+    return _Segment(tuple(range(n)))
 
 
 _models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ModelBlocks, or None: no lists

@@ -49,6 +49,8 @@ class Reason(enum.Enum):
     ALWAYS = "threshold >= 1"
     SIMILAR = "diff < threshold"
     CHANGED = "diff >= threshold"
+    PER_BLOCK = "decided per block (dbprune)"
+    NOT_PRUNED = "block excluded from pruning (non_prune_blocks)"
     UNKNOWN_REQUEST = "request boundaries unknown: the graph has no timestep input and no cachedit.request is open"
 
 
@@ -159,8 +161,39 @@ def decide(plan: Plan, history: BranchHistory, step: int, diff: float | None) ->
     return Decision(Action.COMPUTE, Reason.CHANGED, step, diff)
 
 
-def _rule(plan: Plan, history: BranchHistory, step: int) -> Reason | None:
+def block_history(history: BranchHistory, step: int, pruned_now: bool, has_input: bool) -> BranchHistory:
+    """What DBPrune decides one block on: the branch's history, with this step already counted as cached
+    once a block of it was pruned (cache-dit 1.5.3 records the step at the first pruned block, and its
+    ``max_cached_steps`` check then sees it; its run-length check excludes the current step, as the
+    streak does), and whether this block has an input from its last computed step to compare with."""
+    cached = history.cached_steps + [step] if pruned_now else history.cached_steps
+    return dataclasses.replace(history, cached_steps=cached, has_previous=has_input)
+
+
+def needs_block_diff(plan: Plan, history: BranchHistory, step: int) -> bool:
+    """``needs_diff`` for one DBPrune block (``history`` from ``block_history``)."""
+    threshold = plan.config.prune_threshold
+    return _rule(plan, history, step, threshold) is None and 0.0 < threshold < 1.0
+
+
+def decide_block(plan: Plan, history: BranchHistory, step: int, diff: float | None) -> Decision:
+    """Prune one block (CACHE) or run it: cache-dit's order of checks, on the relative L1 of the block's
+    input against its input at its last computed step, with ``prune_threshold``."""
+    threshold = plan.config.prune_threshold
+    early = _rule(plan, history, step, threshold)
+    if early is not None:
+        return Decision(Action.CACHE if early is Reason.SCM_STATIC else Action.COMPUTE, early, step)
+    if threshold >= 1.0:
+        return Decision(Action.CACHE, Reason.ALWAYS, step)
+    assert diff is not None, "decide_block() needs the diff whenever needs_block_diff() is true"
+    if diff < threshold:
+        return Decision(Action.CACHE, Reason.SIMILAR, step, diff)
+    return Decision(Action.COMPUTE, Reason.CHANGED, step, diff)
+
+
+def _rule(plan: Plan, history: BranchHistory, step: int, threshold: float | None = None) -> Reason | None:
     config = plan.config
+    threshold = config.threshold if threshold is None else threshold
     if step in plan.warmup:
         return Reason.WARMUP
     if plan.mask is not None and step < len(plan.mask):
@@ -175,7 +208,7 @@ def _rule(plan: Plan, history: BranchHistory, step: int) -> Reason | None:
     limit = config.max_accumulated_residual_diff_threshold
     if limit > 0.0 and history.accumulated_diff >= limit:
         return Reason.MAX_ACCUMULATED
-    if config.threshold <= 0.0:
+    if threshold <= 0.0:
         return Reason.DISABLED
     if not history.has_previous:
         return Reason.NO_PREVIOUS

@@ -34,6 +34,17 @@ input and outside an explicit request, boundaries cannot be seen and every step 
 The one host synchronisation per step: the timestep and the residual-diff sums of every branch the
 call could belong to are read together with one ``tolist()``; the branch is resolved afterwards.
 
+Note [Forced refresh]
+~~~~~~~~~~~~~~~~~~~~~
+``force_refresh_step_hint = h`` restarts a request's cache state at step ``h`` (``force_refresh_step_policy
+= "repeat"``: at every multiple of ``h``), for pipelines whose transformer calls are not one denoising
+schedule: a first call that encodes a reference image before denoising starts (hint 1), or several
+denoising loops in one generation (hint = steps per loop, repeat). At that step every branch drops its
+buffers and history, and warmup, masks, limits, the budget and ``num_inference_steps`` count from it
+again, as in cache-dit 1.5.3; the request's stats keep counting steps from its start. cache-dit counts
+the hint in transformer calls, we count steps (a step's CFG calls are one step): with separate CFG its
+hint is twice ours.
+
 Memory: a request's buffers are the head residual of its last computed step and the middle residuals,
 per branch. A branch frees them after the last of ``num_inference_steps`` steps. With
 ``max_residual_bytes`` set, the oldest detected requests of a model lose their buffers (and compute
@@ -58,8 +69,8 @@ from typing import Any
 import torch
 
 from cachedit import kernels  # noqa: F401  (registers torch.ops.cachedit.*)
-from cachedit.config import Calibrator, CacheditConfig, CfgMode
-from cachedit.runtime import calibrators, policy, registry
+from cachedit.config import CachePolicy, Calibrator, CacheditConfig, CfgMode, RefreshPolicy
+from cachedit.runtime import calibrators, policy, registry, rows
 
 log = logging.getLogger("cachedit")
 
@@ -75,6 +86,9 @@ class BranchStats:
     cached_steps: list[int] = dataclasses.field(default_factory=list)
     diffs: dict[int, float] = dataclasses.field(default_factory=dict)
     reasons: dict[int, str] = dataclasses.field(default_factory=dict)
+    # policy="dbprune": per step, the chain positions of the pruned blocks and each decided block's diff
+    pruned_blocks: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    block_diffs: dict[int, dict[int, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -114,21 +128,39 @@ class RequestStats:
 
 
 @dataclasses.dataclass(eq=False)
+class _Kept:
+    """What one gated part (the middle, or one middle block under a per-block split) keeps for a branch."""
+
+    residuals: tuple[torch.Tensor, ...] | None = None  # its residual per output
+    layouts: tuple = ()  # (size, stride) of each output, which the next compiled part expects
+    calibrators: list | None = None  # per output, when a calibrator forecasts the residuals
+    block_input: torch.Tensor | None = None  # dbprune: its primary input at its last computed step
+
+    def nbytes(self) -> int:
+        tensors = [*(self.residuals or ()), *([self.block_input] if self.block_input is not None else [])]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(c.nbytes() for c in self.calibrators or ())
+
+
+@dataclasses.dataclass(eq=False)
 class _Branch:
     history: policy.BranchHistory = dataclasses.field(default_factory=policy.BranchHistory)
     stats: BranchStats = dataclasses.field(default_factory=BranchStats)
     prev_residual: torch.Tensor | None = None  # head residual of the last computed step
-    residuals: tuple[torch.Tensor, ...] | None = None  # middle residual per carried tensor
-    layouts: tuple = ()  # (size, stride) of each middle output, which the compiled tail expects
-    calibrators: list | None = None  # per carried tensor, when a calibrator forecasts the residuals
+    kept: list[_Kept] = dataclasses.field(default_factory=list)  # per gated part
+    pruned_now: list[int] = dataclasses.field(default_factory=list)  # dbprune: blocks pruned in this step
+
+    def part(self, k: int) -> _Kept:
+        while len(self.kept) <= k:
+            self.kept.append(_Kept())
+        return self.kept[k]
 
     def nbytes(self) -> int:
-        tensors = ([self.prev_residual] if self.prev_residual is not None else []) + list(self.residuals or ())
-        return sum(t.numel() * t.element_size() for t in tensors) + sum(c.nbytes() for c in self.calibrators or ())
+        head = self.prev_residual.numel() * self.prev_residual.element_size() if self.prev_residual is not None else 0
+        return head + sum(k.nbytes() for k in list(self.kept))
 
     def drop(self) -> None:
         """Forget the buffers: the next step computes (``NO_PREVIOUS``)."""
-        self.prev_residual, self.residuals, self.layouts, self.calibrators = None, None, (), None
+        self.prev_residual, self.kept = None, []
         self.history.has_previous = False
 
 
@@ -139,6 +171,7 @@ class _Request:
     plan: policy.Plan  # what its step count fixes: warmup, steps mask, budget
     branches: list[_Branch] = dataclasses.field(default_factory=list)
     step: int = -1
+    origin: int = 0  # the step the cache state last (re)started at (Note [Forced refresh])
     calls_at_step: int = 0
     last_t: float | None = None
     direction: int = 0  # +1 / -1 once two distinct timesteps were seen
@@ -153,6 +186,18 @@ class _Request:
             self.branches.append(_Branch())
             self.stats.branch_list.append(self.branches[-1].stats)
         return self.branches[index]
+
+    @property
+    def local_step(self) -> int:
+        """The step as the policy counts it: from the last forced refresh."""
+        return self.step - self.origin
+
+    def refresh(self) -> None:
+        """Restart the cache state at this step (Note [Forced refresh]); the stats keep counting."""
+        for branch in self.branches:
+            branch.drop()
+            branch.history = policy.BranchHistory()
+        self.origin = self.step
 
     def same_latent(self, latent: torch.Tensor | None) -> bool:
         return latent is not None and self.latent is not None and self.latent() is latent and (
@@ -211,6 +256,14 @@ def _borrowed_diff(req: _Request, branch: _Branch, step: int) -> float | None:
     if req.config.cfg_diff_compute_separate or not req.branches or branch is req.branches[0]:
         return None
     return req.branches[0].stats.diffs.get(step)
+
+
+def _refreshes_at(config: CacheditConfig, step: int) -> bool:
+    """Whether ``force_refresh_step_hint`` restarts the cache state at ``step`` (Note [Forced refresh])."""
+    hint = config.force_refresh_step_hint
+    if hint <= 0 or step <= 0:
+        return False
+    return step == hint or (config.force_refresh_step_policy is RefreshPolicy.REPEAT and step % hint == 0)
 
 
 def _execution_context() -> object:
@@ -325,6 +378,9 @@ class StepCache:
         self._dead: list[int] = []
         self._lock = threading.Lock()
         self.reduce_sums = None  # set under context parallelism: sums a tensor over every rank
+        self.parts = 1  # gated parts per call: 1, or one per middle block (per-block split)
+        self.per_block = False  # the split has one gated part per middle block (policy="dbprune" works)
+        self.copy_inputs = False  # dbprune keeps block inputs past the step: copy them out of CUDA graph pools
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -386,6 +442,9 @@ class StepCache:
 
         Returns what the reuse node needs: ``(decision, branch, request, state, cached residuals)``.
         """
+        tagged = rows.active(param)  # rows of several requests in one batch (runtime/rows.py)
+        if tagged is not None:
+            return rows.gate(self, tagged, residual, timestep, param, latent, conditioning)
         state = self.state(param)
         now = time.monotonic()
         state.sweep(now)
@@ -403,6 +462,7 @@ class StepCache:
         if token is not None:
             if req is None:
                 req = state.new_request("explicit", config, token.num_inference_steps, token.settings)
+                self._check_split(config)
                 with state.lock:
                     state.explicit[token.id] = req
                 token.users.add(state)
@@ -410,6 +470,7 @@ class StepCache:
             source = "timestep" if t is not None else "call"
             steps = self.config.num_inference_steps or None
             req = state.new_request(source, self.config, steps, {})  # this graph's defaults, not the last request's
+            self._check_split(self.config)
             state.set_detected(context, req)
         req.last_used = now
         if req.shape is not None and req.shape != tuple(residual.shape):
@@ -417,21 +478,42 @@ class StepCache:
                 branch.drop()
         req.shape = tuple(residual.shape)
         branch = self._advance(req, t, latent, conditioning, same_step)
+        if req.calls_at_step == 1 and _refreshes_at(req.config, req.step):
+            req.refresh()
 
         if token is None and timestep is None:
             # Caching across a boundary we cannot see could mix two requests: compute.
             decision = policy.Decision(policy.Action.COMPUTE, policy.Reason.UNKNOWN_REQUEST, req.step)
-        else:
-            diff = None
-            borrowed = _borrowed_diff(req, branch, req.step)
-            if id(branch) in sums:
-                num, den = sums[id(branch)]
-                diff = num / den if den > 0 else float("inf")  # 0/0 is NaN in cache-dit: never similar
-            elif borrowed is not None and policy.needs_diff(req.plan, branch.history, req.step):
-                diff = borrowed
-            elif policy.needs_diff(req.plan, branch.history, req.step):
-                diff = float("inf")  # the residual's shape changed since the last computed step
-            decision = policy.decide(req.plan, branch.history, req.step, diff)
+            self.decided(req, branch, decision, residual)
+            return decision, branch, req, state, None
+        if req.config.policy is CachePolicy.DBPRUNE:
+            branch.pruned_now = []  # each block decides in its reuse node; the last one records the step
+            return policy.Decision(policy.Action.COMPUTE, policy.Reason.PER_BLOCK, req.local_step), branch, req, state, None
+        decision, cached = self.decide(req, branch, sums.get(id(branch)), residual)
+        return decision, branch, req, state, cached
+
+    def decide(self, req: _Request, branch: _Branch, sums: tuple[float, float] | None, residual: torch.Tensor):
+        """Decide ``branch``'s step from the diff sums read for it (None: not read) and record it.
+
+        Returns the decision and, for a cached step, what each gated part adds (taken now: another thread
+        may drop this request's buffers, by the byte cap or the idle sweep, before the reuse node runs).
+        """
+        diff = None
+        borrowed = _borrowed_diff(req, branch, req.step)
+        step = req.local_step
+        if sums is not None:
+            num, den = sums
+            diff = num / den if den > 0 else float("inf")  # 0/0 is NaN in cache-dit: never similar
+        elif borrowed is not None and policy.needs_diff(req.plan, branch.history, step):
+            diff = borrowed
+        elif policy.needs_diff(req.plan, branch.history, step):
+            diff = float("inf")  # the residual's shape changed since the last computed step
+        decision = policy.decide(req.plan, branch.history, step, diff)
+        return decision, self.decided(req, branch, decision, residual)
+
+    @staticmethod
+    def decided(req: _Request, branch: _Branch, decision: policy.Decision, residual: torch.Tensor):
+        """Record ``decision`` in ``branch``; return what a cached step adds per gated part (None: computes)."""
         policy.record(branch.history, decision)
         stats = branch.stats
         (stats.cached_steps if decision.cache else stats.computed_steps).append(req.step)
@@ -440,15 +522,15 @@ class StepCache:
             stats.diffs[req.step] = decision.diff
         if not decision.cache:
             branch.prev_residual = residual
-        # What a cached step adds, taken now: another thread may drop this request's buffers (the byte
-        # cap, the idle sweep) before the reuse node runs.
-        cached = None
-        if decision.cache:
-            residuals = branch.residuals
-            if branch.calibrators is not None and residuals is not None:
-                residuals = tuple(c.forecast(req.step) for c in branch.calibrators)
-            cached = (residuals, branch.layouts)
-        return decision, branch, req, state, cached
+            return None
+        return [_what_to_add(kept, req.step) for kept in branch.kept]
+
+    def _check_split(self, config: CacheditConfig) -> None:
+        if config.policy is CachePolicy.DBPRUNE and not self.per_block:
+            raise ValueError(
+                "policy='dbprune' decides per block, which needs the per-block split this model was not compiled "
+                "with: compile it with options={'policy': 'dbprune'} (requests can then choose dbcache or dbprune)"
+            )
 
     def _read(
         self,
@@ -464,7 +546,7 @@ class StepCache:
         Returns the timestep (None when not read) and ``id(branch) -> (sum|prev - cur|, sum|prev|)``.
         """
         candidates: list[tuple[_Branch, int]] = []  # (branch, the step it would be at)
-        if req is not None and req.step >= 0:
+        if req is not None and req.step >= 0 and config.policy is not CachePolicy.DBPRUNE:
             if same_step:
                 candidates.append((req.branch(req.calls_at_step), req.step))
             else:
@@ -472,13 +554,15 @@ class StepCache:
                 pair_possible = latent is None and config.cfg is not CfgMode.BATCHED and req.calls_at_step == 1
                 if pair_possible and len(req.branches) > 1:
                     candidates.append((req.branches[1], req.step))
+        # (a step about to be refreshed reads a diff it will not use: at most once per refresh)
         reads = [timestep.reshape(-1)[:1].float()] if timestep is not None else []
         diffs_for = []
         for branch, step in candidates:
             prev = branch.prev_residual
             if _borrowed_diff(req, branch, step) is not None:
                 continue  # a further CFG call reuses the first call's diff of this step
-            if prev is not None and prev.shape == residual.shape and policy.needs_diff(req.plan, branch.history, step):
+            local = step - req.origin
+            if prev is not None and prev.shape == residual.shape and policy.needs_diff(req.plan, branch.history, local):
                 reads.append(torch.ops.cachedit.residual_diff(prev, residual))
                 diffs_for.append(branch)
         if diffs_for and self.reduce_sums is not None:  # context parallel: decide on the sums over all ranks
@@ -509,7 +593,7 @@ class StepCache:
         if req.shape != tuple(residual.shape):
             return True  # a new resolution
         n = req.stats.num_inference_steps
-        if n is not None and req.step + 1 >= n:
+        if n is not None and req.local_step + 1 >= n:
             return True
         known = conditioning is not None and bool(req.conditionings)
         if known and not req.knows(conditioning):
@@ -541,34 +625,97 @@ class StepCache:
 
     # -- the reuse node -------------------------------------------------------------------------
 
-    def reuse(self, gated, middle, residual_of: tuple[int, ...], inputs) -> tuple[torch.Tensor, ...]:
+    def reuse(self, gated, middle, k: int, segment, inputs) -> tuple[torch.Tensor, ...]:
+        """Gated part ``k`` (``segment``): run it, or rebuild its outputs from what its residuals say."""
+        if isinstance(gated, rows.Gated):  # a batch tagged with cachedit.rows (runtime/rows.py)
+            return rows.reuse(self, gated, middle, k, segment, inputs)
         decision, branch, req, state, cached = gated
-        if decision.cache:
-            residuals, layouts = cached
+        if decision.reason is policy.Reason.PER_BLOCK:
+            outs = self._prune(req, branch, middle, k, segment, inputs)
+        elif decision.cache:
+            residuals, layouts = cached[k]
             assert residuals is not None, "a cached step needs residuals from a computed step"
-            # The tail was compiled for the middle's output layout (Inductor asserts sizes and strides);
-            # a stream entering the middle can be a strided slice, so add into that layout.
-            outs = tuple(
-                torch.add(inputs[j], r, out=torch.empty_strided(size, stride, dtype=r.dtype, device=r.device))
-                for j, r, (size, stride) in zip(residual_of, residuals, layouts)
-            )
+            outs = _add(inputs, segment.residual_of, residuals, layouts)
         else:
-            computed = middle(*inputs)
-            outs = tuple(computed[: len(residual_of)])
-            branch.residuals = tuple(computed[len(residual_of) :])
-            branch.layouts = tuple((o.shape, o.stride()) for o in outs)
-            config = req.config
-            if config.calibrator is not Calibrator.NONE:
-                if branch.calibrators is None:
-                    branch.calibrators = [_calibrator(config) for _ in branch.residuals]
-                for calibrator, value in zip(branch.calibrators, branch.residuals):
-                    calibrator.update(req.step, value)
+            outs = self._compute(req, branch.part(k), middle, segment, inputs)
+        if k < self.parts - 1:
+            return outs
+        # The step's last gated part.
+        if decision.reason is policy.Reason.PER_BLOCK:
+            self._record_pruned(req, branch)
         n = req.stats.num_inference_steps
-        if n is not None and req.step + 1 >= n:
+        if n is not None and req.local_step + 1 >= n:
             branch.drop()  # this branch's last step: nothing will reuse its buffers
         if not decision.cache:
             state.enforce_cap(req)
         return outs
+
+    def _compute(self, req: _Request, kept: _Kept, middle, segment, inputs) -> tuple[torch.Tensor, ...]:
+        computed = middle(*inputs)
+        outs = tuple(computed[: len(segment.residual_of)])
+        kept.residuals = tuple(computed[len(segment.residual_of) :])
+        kept.layouts = tuple((o.shape, o.stride()) for o in outs)
+        config = req.config
+        if config.calibrator is not Calibrator.NONE:
+            if kept.calibrators is None:
+                kept.calibrators = [_calibrator(config) for _ in kept.residuals]
+            for calibrator, value in zip(kept.calibrators, kept.residuals):
+                calibrator.update(req.step, value)
+        return outs
+
+    def _prune(self, req: _Request, branch: _Branch, middle, k: int, segment, inputs) -> tuple[torch.Tensor, ...]:
+        """DBPrune: run this block, or add its residual of its last computed step (Note [Per-block split])."""
+        (block,) = segment.blocks
+        kept, config, step = branch.part(k), req.config, req.local_step
+        if block in config.non_prune_block_set:
+            return tuple(middle(*inputs)[: len(segment.residual_of)])  # kept nothing, as in cache-dit
+        x = inputs[segment.primary]
+        prev = kept.block_input
+        has_input = prev is not None and prev.shape == x.shape and kept.residuals is not None
+        view = policy.block_history(branch.history, step, bool(branch.pruned_now), has_input)
+        diff = None
+        if policy.needs_block_diff(req.plan, view, step):
+            sums = torch.ops.cachedit.residual_diff(prev, x)
+            if self.reduce_sums is not None:
+                sums = self.reduce_sums(sums)
+            num, den = sums.tolist()  # a host read per decided block: the next block's input depends on it
+            diff = num / den if den > 0 else float("inf")
+            branch.stats.block_diffs.setdefault(req.step, {})[block] = diff
+        if policy.decide_block(req.plan, view, step, diff).cache:
+            branch.pruned_now.append(block)
+            residuals, layouts = _what_to_add(kept, req.step)
+            return _add(inputs, segment.residual_of, residuals, layouts)
+        outs = self._compute(req, kept, middle, segment, inputs)
+        kept.block_input = x.clone() if self.copy_inputs else x
+        return outs
+
+    @staticmethod
+    def _record_pruned(req: _Request, branch: _Branch) -> None:
+        """A dbprune step counts as cached when any block of it was pruned (cache-dit's count)."""
+        pruned = branch.pruned_now
+        action = policy.Action.CACHE if pruned else policy.Action.COMPUTE
+        policy.record(branch.history, policy.Decision(action, policy.Reason.PER_BLOCK, req.local_step))
+        stats = branch.stats
+        (stats.cached_steps if pruned else stats.computed_steps).append(req.step)
+        stats.pruned_blocks[req.step] = list(pruned)
+        stats.reasons[req.step] = f"{action.value}: {len(pruned)} blocks pruned" + (f" ({pruned})" if pruned else "")
+
+
+def _what_to_add(kept: _Kept, step: int) -> tuple:
+    """A gated part's residuals for a cached step (or its calibrators' forecasts), and its output layouts."""
+    residuals = kept.residuals
+    if kept.calibrators is not None and residuals is not None:
+        residuals = tuple(c.forecast(step) for c in kept.calibrators)
+    return residuals, kept.layouts
+
+
+def _add(inputs, residual_of, residuals, layouts) -> tuple[torch.Tensor, ...]:
+    """Input + residual per output. The next part was compiled for the outputs' layout (Inductor asserts sizes
+    and strides); a stream entering a part can be a strided slice, so the sum is written into that layout."""
+    return tuple(
+        torch.add(inputs[j], r, out=torch.empty_strided(size, stride, dtype=r.dtype, device=r.device))
+        for j, r, (size, stride) in zip(residual_of, residuals, layouts)
+    )
 
 
 class Gate(torch.nn.Module):
@@ -583,12 +730,14 @@ class Gate(torch.nn.Module):
 
 
 class Reuse(torch.nn.Module):
-    """The ``cachedit_reuse`` node: runs the middle, or rebuilds its outputs from cached residuals."""
+    """A ``cachedit_reuse`` node: runs its gated part, or rebuilds its outputs from cached residuals."""
 
-    def __init__(self, cache: StepCache, residual_of: tuple[int, ...]):
+    def __init__(self, cache: StepCache, k: int, segment):
+        """``segment``: the fxpasses ``Segment`` of part ``k`` (its ``residual_of``, ``primary``, ``blocks``)."""
         super().__init__()
         self.cache = cache
-        self.residual_of = residual_of
+        self.k = k
+        self.segment = segment
 
     def forward(self, gated, middle, *inputs):
-        return self.cache.reuse(gated, middle, self.residual_of, inputs)
+        return self.cache.reuse(gated, middle, self.k, self.segment, inputs)

@@ -8,11 +8,15 @@ import torch
 
 import cachedit
 from cachedit.config import CacheditConfig
+from cachedit.fxpasses.step_cache_gate import Segment
 from cachedit.runtime.step_cache import StepCache, open_request
 
 
 OWNER = torch.nn.Parameter(torch.zeros(1))  # stands for the model instance (the gate gets one of its parameters)
 
+
+# One gated part with one stream: output 0 continues input 0.
+MIDDLE = Segment(part="middle", reuse="cachedit_reuse", blocks=(1,), carried=("h",), residual_of=(0,), primary=0)
 
 def make(**kw):
     kw = {"Fn": 1, "threshold": 0.5, "warmup_steps": 1, **kw}
@@ -109,10 +113,10 @@ def test_a_branch_frees_its_buffers_after_its_last_step():
     cache = make(num_inference_steps=2)
     latent = torch.zeros(1)
     gated = cache.gate(torch.ones(2, 5), torch.tensor([1.0]), OWNER, latent)
-    cache.reuse(gated, lambda h: (h + 1, torch.ones(2, 5)), (0,), (torch.zeros(2, 5),))
+    cache.reuse(gated, lambda h: (h + 1, torch.ones(2, 5)), 0, MIDDLE, (torch.zeros(2, 5),))
     assert cache.records[0].bytes_held == 2 * 40  # head residual + middle residual, fp32 [2, 5]
     gated = cache.gate(torch.ones(2, 5), torch.tensor([0.5]), OWNER, torch.zeros(1))
-    cache.reuse(gated, lambda h: (h + 1, torch.ones(2, 5)), (0,), (torch.zeros(2, 5),))
+    cache.reuse(gated, lambda h: (h + 1, torch.ones(2, 5)), 0, MIDDLE, (torch.zeros(2, 5),))
     assert cache.records[0].bytes_held == 0
 
 
@@ -139,7 +143,7 @@ def test_new_conditioning_starts_a_new_request_whatever_the_timestep():
 def test_an_idle_detected_request_is_dropped():
     cache = make(request_idle_seconds=0.05)
     gated = cache.gate(torch.ones(2, 5), torch.tensor([1.0]), OWNER, torch.zeros(1))
-    cache.reuse(gated, lambda h: (h + 1, torch.ones(2, 5)), (0,), (torch.zeros(2, 5),))
+    cache.reuse(gated, lambda h: (h + 1, torch.ones(2, 5)), 0, MIDDLE, (torch.zeros(2, 5),))
     del gated
     assert cache.records[0].bytes_held > 0
     time.sleep(0.3)
