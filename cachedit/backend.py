@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import sys
 import time
 import types
 import weakref
@@ -41,9 +40,10 @@ from torch._dynamo.utils import to_fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 from cachedit.config import BlockLists, CacheditConfig, CachePolicy, CompileMode, Inner
-from cachedit.fxpasses.block_chain import NoChain, find_block_chain
+from cachedit.fxpasses.block_chain import NoChain, find_block_chain, is_static_input
+from cachedit.fxpasses.block_graph import NotABlock, analyse_block_graph, analyse_piece, graph_break_reason, original_code
 from cachedit.fxpasses.step_cache_gate import insert_step_cache_gate
-from cachedit.runtime import registry
+from cachedit.runtime import per_block, registry
 from cachedit.runtime.step_cache import Gate, ListCache, Reuse, StepCache
 
 log = logging.getLogger("cachedit")
@@ -196,6 +196,14 @@ def cachedit_backend(
 
     if config.disable:
         return uncached("disabled by configuration (CACHEDIT_DISABLE / disable=True)")
+    # -- per-block path (issue 16): a graph of one block of a model's block list (Note [Per-block path]) --
+    site = _block_site(gm, example_inputs)
+    if site is not None:
+        return _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, uncached, start)
+    piece = _parameterless_piece(gm, example_inputs, config, record, inner)
+    if piece is not None:
+        return piece
+    # -- end per-block path --
     # -- context parallelism (issue 3): shard the chain before the split (Note [Attention rewrite]) --
     mesh = None
     if config.ulysses * config.ring > 1:
@@ -229,11 +237,6 @@ def cachedit_backend(
             record.list_layouts = _split_later_lists(top, cache, base)
             cache.has_later_lists = bool(record.list_layouts)
     except NoChain as reason:
-        block = _regional_block()
-        if block is not None:
-            _advise_whole_model()
-            reason = f"one {block} block (regional compilation): caching needs the whole transformer in one graph"
-            return uncached(reason, logging.DEBUG)  # the advice above is said once, not per block
         return uncached(str(reason))
     except Exception as err:  # a pass failed on a graph we did not foresee: never break the user's compile
         log.debug("cachedit: pass failed", exc_info=True)
@@ -272,43 +275,92 @@ class CacheditOptionError(*_PASS_THROUGH, ValueError, TypeError):
             super().__init__(message)
 
 
-def _regional_block() -> str | None:
-    """The class name when Dynamo is compiling one repeated block of a diffusers model by itself.
+# -- per-block path (issue 16) -----------------------------------------------------------------------------
 
-    That is what ``ModelMixin.compile_repeated_blocks`` does: it compiles each class named in the model's
-    ``_repeated_blocks`` on its own, so the code Dynamo traces first is that class's ``forward``.
-    diffusers is only looked at when the user has already imported it.
-    """
+
+def _block_site(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+    """``(ModelBlocks, (list path, index))`` when every parameter of ``gm`` belongs to one block of a model
+    that is calling it and the graph holds no block chain of its own (Note [Per-block path]); None
+    otherwise (the whole-graph path)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    params = [v for n, v in zip(placeholders, example_inputs) if is_static_input(n) and isinstance(v, torch.Tensor)]
+    if not params:
+        return None
+    try:
+        find_block_chain(gm)
+        return None  # the graph holds a chain of its own: a whole transformer (say, one of a ModuleList of them)
+    except Exception:
+        pass
+    site = per_block.find_block(params[0])
+    if site is None or any(site[0].key_of(p) != site[1] for p in params):
+        return None
+    return site
+
+
+def _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, uncached, start) -> Callable:
+    """Compile one block's graph whole and wrap it in a ``BlockRunner`` (Note [Per-block path])."""
+    blocks, key = site
+    module = blocks.module(key)
+    name = type(module).__name__
     context = torch._guards.TracingContext.try_get()
-    diffusers = sys.modules.get("diffusers")
-    if context is None or not context.traced_code or diffusers is None:
-        return None
-    code = context.traced_code[0]
-    if code.co_name != "forward":
-        return None
-    models, names = [diffusers.ModelMixin], set()
-    while models:
-        cls = models.pop()
-        names.update(getattr(cls, "_repeated_blocks", None) or ())
-        models.extend(cls.__subclasses__())
-    for module in [m for k, m in list(sys.modules.items()) if k.startswith("diffusers.models")]:
-        for name in names:
-            forward = getattr(getattr(module, name, None), "forward", None)
-            if getattr(forward, "__code__", None) is code:
-                return name
-    return None
+    code = context.traced_code[0] if context is not None and context.traced_code else None
+    record.chain = f"per-block: one {name} block of {key[0]}[{blocks.sizes[key[0]]}]"
+    if config.ulysses * config.ring > 1:
+        return uncached(f"{name} is compiled on its own; context parallelism needs the whole transformer in one graph")
+    broke = graph_break_reason(gm)
+    body = per_block.block_body(module)
+    forwards = {per_block.forward_code(module), per_block.forward_code(body)}
+    resumed = original_code(code) if code is not None else None
+    if code is None or (code in forwards and broke is None):
+        kind = per_block.WHOLE
+    elif code in forwards:
+        kind = per_block.START
+    elif resumed in forwards:
+        kind = per_block.END if broke is None else per_block.MID
+    else:
+        kind = per_block.INNER  # a frame nested inside the block (attention processor, MoE experts)
+    try:
+        layout = analyse_block_graph(gm) if kind == per_block.WHOLE else analyse_piece(gm)
+    except NotABlock as err:
+        level = logging.DEBUG if blocks.warned else logging.WARNING  # said once per model, not per graph
+        blocks.warned = True
+        return uncached(f"{name}: {err}; the per-block path needs the block's outputs to continue its inputs", level)
+    if kind != per_block.WHOLE:
+        record.chain += f" ({kind} piece: {code.co_name}, graph breaks split the block)"
+    if kind == per_block.START:
+        per_block.piece_codes[code] = name
+    if config.policy is CachePolicy.DBPRUNE:  # DBPrune's per-block split lives in the whole graph
+        log.warning("cachedit: policy='dbprune' needs the whole transformer in one graph; caching with dbcache")
+        config = config.replace(policy=CachePolicy.DBCACHE)
+        record.config = config
+    split = ("per-block", config.Fn, config.Bn)  # every block graph of a model serves the same requests
+    cache = StepCache(config, split, on_new_owner=lambda param: registry.register([param], record))
+    compiled = inner(gm, example_inputs)
+    runner = per_block.BlockRunner(compiled, layout, cache, record, kind=kind, clone=cudagraphs)
+    record.cache, record.layout = cache, per_block.PerBlockView(runner, name)
+    record.compile_seconds = time.perf_counter() - start
+    log.log(logging.INFO, f"cachedit: per-block: {name} ({layout.describe()})")
+    return runner
 
 
-@functools.lru_cache(maxsize=None)
-def _advise_whole_model() -> None:
-    """Said once per process, however many blocks are compiled alone."""
-    log.warning(
-        "cachedit: a transformer block was compiled on its own (regional compilation, e.g. "
-        "transformer.compile_repeated_blocks(backend='cachedit')). Step caching decides around the whole chain "
-        "of blocks, which one block's graph does not hold, so the blocks run compiled but uncached. To cache, "
-        "compile the whole transformer: torch.compile(transformer, backend='cachedit') or cachedit.enable(pipe); "
-        "Inductor's on-disk cache makes later compiles of it fast."
-    )
+def _parameterless_piece(gm, example_inputs, config, record, inner) -> Callable | None:
+    """A resume function of a split block's ``forward`` that uses no parameter (Nucleus MoE's
+    ``hidden_states + gate * mlp_output`` after the expert dispatch): at run time it belongs to the block
+    in progress in the calling context. None for any other graph."""
+    context = torch._guards.TracingContext.try_get()
+    code = context.traced_code[0] if context is not None and context.traced_code else None
+    if code is None or code in per_block.piece_codes:
+        return None
+    name = per_block.piece_codes.get(original_code(code))
+    if name is None or any(is_static_input(n) for n in gm.graph.find_nodes(op="placeholder")):
+        return None
+    kind = per_block.END if graph_break_reason(gm) is None else per_block.MID
+    layout = analyse_piece(gm)
+    cache = StepCache(config, ("per-block", config.Fn, config.Bn))
+    runner = per_block.BlockRunner(inner(gm, example_inputs), layout, cache, record, kind=kind)
+    record.chain = f"per-block: a {kind} piece of a {name} block without parameters ({code.co_name})"
+    record.layout = per_block.PerBlockView(runner, name)
+    return runner
 
 
 def _dynamic_sizes(gm: torch.fx.GraphModule) -> str | None:

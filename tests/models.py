@@ -40,6 +40,7 @@ import torch
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
 HIDDEN = 32  # model width of every row
+PER_BLOCK_IN_REQUEST = {"HiDreamImageTransformer2DModel"}  # per-block rows whose forward keeps no timestep local
 HEADS = 2
 HEAD_DIM = HIDDEN // HEADS  # 16: head_dim >= 8 and divisible for 3-axis rope (4 + 6 + 6)
 TEXT_DIM = 32  # width of the fake text-encoder output
@@ -92,14 +93,17 @@ class ModelSpec:
     chain: tuple[str, ...] | None = None  # the lists the backend chains, where not all of block_lists
     out_tokens: int | None = None  # the output holds [text | image] tokens: the last `out_tokens` are the latent's
     uncached: str | None = None  # why the backend declines every piece that holds the main blocks (asserted)
-    per_block: bool = False  # the main blocks are split over graphs: the per-block path (issue 16) should cache them
+    per_block: bool = False  # the main blocks are split over graphs: the per-block path caches them
     reads_timestep: bool = True  # False: the forward never reads its timestep, so the graph has none to see
 
     @property
     def status(self) -> str:
         """The README's status of this row: how the backend treats it today (checked by tests/test_models.py)."""
         if self.uncached is not None:
-            return f"uncached: {self.uncached}" + (" (per-block path pending)" if self.per_block else "")
+            return f"uncached: {self.uncached}"
+        if self.per_block:
+            where = ", inside a request only (the forward rebinds its timestep)" if self.cls in PER_BLOCK_IN_REQUEST else ""
+            return f"step-cached, per-block (each block a graph, or pieces of one){where}"
         if not self.single_graph_when_warm:
             return "step-cached in one piece of several, inside a request only (that piece sees no timestep)"
         if not self.reads_timestep:
@@ -725,7 +729,7 @@ _ROWS = [
         "shape operator, attention_processor.py:1068): 11 graphs, 10 breaks",
         pipeline_note="MochiPipeline: FlowMatch with invert_sigmas, timestep=1000 * (1 - sigma) ascending "
         "(linear-quadratic sigmas there, linear here)",
-        uncached="no nn.ModuleList of repeated blocks found in the graph", per_block=True,
+        per_block=True,
     ),
     ModelSpec(
         "lumina2", "Lumina2Transformer2DModel",
@@ -748,12 +752,12 @@ _ROWS = [
         _hidream_inputs, Schedule.T1000_DESC, ("double_stream_blocks", "single_stream_blocks"), 16, 12,
         side_lists=("caption_projection",)
         + tuple(f"{kind}_stream_blocks.{i}.block.ff_i.experts" for kind in ("double", "single") for i in range(3)),
-        timestep_key="timesteps",
+        timestep_key="timesteps", chain=("double_stream_blocks",),  # the single blocks start from a concatenation
         single_graph=False,
         graph_break="MoE routing in MOEFeedForwardSwiGLU.moe_infer: bincount().cpu().numpy() (dynamic shape "
         "operator, transformer_hidream_image.py:389), once per block: 20 graphs, 19 breaks",
         pipeline_note="HiDreamImagePipeline: timesteps=t (FlowMatch/UniPC, 1000 * sigma)",
-        uncached="no nn.ModuleList of repeated blocks found in the graph", per_block=True,
+        per_block=True,
     ),
     ModelSpec(
         "omnigen", "OmniGenTransformer2DModel",
@@ -794,7 +798,7 @@ _ROWS = [
     ModelSpec("hunyuanvideo15", "HunyuanVideo15Transformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_refiner_layers=2, patch_size=2, text_embed_dim=TEXT_DIM, text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=_FLUX_ROPE),
                 _hyv15_inputs, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7, side_lists=("context_embedder.token_refiner.refiner_blocks",),
         single_graph=False, graph_break="data-dependent `if is_t2v:` (torch.all(image_embeds == 0)): Dynamo skips the top frame, each block is a graph",
-        uncached="one HunyuanVideo15TransformerBlock block (regional compilation)", per_block=True),
+        per_block=True),
     ModelSpec("prx", "PRXTransformer2DModel", dict(in_channels=4, patch_size=2, context_in_dim=TEXT_DIM, hidden_size=HIDDEN, num_heads=HEADS, depth=3, axes_dim=[8, 8]),
         _prx_inputs, Schedule.T1000_DESC, ("blocks",), 16, 7),
     ModelSpec("ernieimage", "ErnieImageTransformer2DModel", dict(hidden_size=HIDDEN, num_attention_heads=HEADS, num_layers=3, ffn_hidden_size=64, in_channels=4, out_channels=4, patch_size=2, text_in_dim=TEXT_DIM, rope_axes_dim=(4, 6, 6)),
@@ -821,7 +825,7 @@ _ROWS = [
     ModelSpec("framepack", "HunyuanVideoFramepackTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_single_layers=3, num_refiner_layers=2, patch_size=2, text_embed_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, rope_axes_dim=_FLUX_ROPE, image_proj_dim=16, has_image_proj=True, has_clean_x_embedder=True),
                 _framepack_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 32, 7, side_lists=("context_embedder.token_refiner.refiner_blocks",),
         single_graph=False, graph_break="a tensor-indexed slice calls .item(): Dynamo skips the top frame, each block is a graph",
-        uncached="one HunyuanVideoTransformerBlock block (regional compilation)", per_block=True),
+        per_block=True),
     ModelSpec("kandinsky6", "Kandinsky6Transformer3DModel", dict(in_visual_dim=4, out_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=16, time_dim=HIDDEN, model_dim=HIDDEN, ff_dim=64, num_text_blocks=2, num_visual_blocks=3, axes_dims=(4, 6, 6), visual_cond=False),
         _k6_inputs, Schedule.T1000_DESC, ("visual_transformer_blocks",), 32, 7,
         side_lists=("video_text_transformer_blocks", "audio_text_transformer_blocks")),

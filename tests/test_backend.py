@@ -68,7 +68,9 @@ def test_models_dynamo_cannot_capture_whole_still_run(name):
     """Graph breaks inside diffusers: every piece still compiles and the output is eager's, bitwise.
 
     A piece that holds the chain but no timestep input caches only inside an explicit request, since
-    it cannot see where one generation ends and the next begins.
+    it cannot see where one generation ends and the next begins. Where a break falls inside every block
+    (Mochi, HiDream), the blocks cache through their pieces (the per-block path, tests/test_per_block.py):
+    Mochi from detected requests too, HiDream (whose forward rebinds its timestep) inside a request.
     """
     spec = get(name)
     model = spec.build(warm=True)
@@ -76,17 +78,20 @@ def test_models_dynamo_cannot_capture_whole_still_run(name):
     reference, _ = denoise(model, spec, num_steps=6)
     fast = compiled(model, **options)
     result, _ = denoise(fast, spec, num_steps=6)
-    assert torch.equal(result, reference)
     pieces = _graphs(model)
+    per_block = [g for g in pieces if g.cache is not None and getattr(g.layout, "per_block", False)]
+    detected = [r for r in cachedit.stats(model) if r.source != "explicit"]
+    if name == "mochi":
+        assert per_block and sum(r.num_cached_steps for r in detected) > 0, cachedit.explain(model)
+    else:
+        assert torch.equal(result, reference)
+        assert all(r.num_cached_steps == 0 for r in detected)
     assert len(pieces) > 1 and all(g.declined or g.layout is not None for g in pieces)
-    assert cachedit.stats(model) == [] or all(r.num_cached_steps == 0 for r in cachedit.stats(model))
     with cachedit.request(model, num_inference_steps=12):
         denoise(fast, spec, num_steps=12)
-    chained = [g for g in pieces if g.cache is not None]
-    if chained:  # Lumina2, OmniGen: the chain lives in one piece
-        assert cachedit.stats(model)[-1].source == "explicit" and cachedit.stats(model)[-1].num_cached_steps > 0
-    else:  # Mochi, HiDream: a break inside every block leaves no chain to cache
-        assert all("no nn.ModuleList of repeated blocks" in g.declined for g in pieces)
+    assert [g for g in pieces if g.cache is not None], cachedit.explain(model)  # every row caches somewhere
+    assert cachedit.stats(model)[-1].source == "explicit" and cachedit.stats(model)[-1].num_cached_steps > 0
+    assert bool(per_block) == (name in ("mochi", "hidream")), cachedit.explain(model)
 
 
 @pytest.mark.parametrize("name", ["flux", "wan", "hunyuanvideo"])

@@ -60,6 +60,8 @@ class CompiledGraph:
         if self.parallel:
             lines.append(f"  context parallel: {self.parallel}")
         if self.layout is not None:
+            if not getattr(self.layout, "per_block", False):
+                lines.append("  path: whole graph (the chain in one graph; Note [Step-cache split])")
             lines += [f"  {line}" for line in self.layout.describe().splitlines()]
         for path, layout in self.list_layouts:  # a later block list decides on its own (block_lists="separate")
             split, carried = layout.describe().splitlines()[:2]
