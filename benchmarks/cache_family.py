@@ -72,7 +72,7 @@ def main() -> None:
 
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    # policy="dbprune" compiles the per-block split, on which requests choose dbcache (the default here) or dbprune.
+    # policy="dbprune" compiles the DBPrune split, on which requests choose dbcache (the default here) or dbprune.
     cachedit.enable(pipe, Fn=1, Bn=0, warmup_steps=4, threshold=0.0, inner="eager", policy="dbprune")
     settings_default = {"policy": "dbcache"}
     blocks = sum(len(getattr(pipe.transformer, name)) for name in ("transformer_blocks", "single_transformer_blocks"))
@@ -121,7 +121,7 @@ def main() -> None:
         print(" | ".join(table[-1]), flush=True)
     body = (
         f"Embedded model (`cachedit.embedded`), {args.prompts} random captions (seed {args.seed}), {args.steps} steps, "
-        "F1B0, warmup 4, inner eager, compiled with the per-block split (`policy=\"dbprune\"`; DBCache requests add the "
+        "F1B0, warmup 4, inner eager, compiled with the DBPrune split (`policy=\"dbprune\"`; DBCache requests add the "
         f"blocks' residuals one by one); PSNR of the mean MSE and mean SSIM against the uncached images. Computed steps: "
         "DBPrune counts a step as computed when it pruned no block. Block work: blocks run / (steps x "
         f"{blocks} blocks). Host reads per request: DBCache one per step, DBPrune one per step and one per decided block. "

@@ -228,7 +228,7 @@ def cachedit_backend(
         except NoChain as reason:
             if not per_block:
                 raise
-            log.warning(f"cachedit: policy='dbprune' declined, caching with dbcache instead: the per-block split failed: {reason}")
+            log.warning(f"cachedit: policy='dbprune' declined, caching with dbcache instead: the DBPrune split failed: {reason}")
             cache.config = config = config.replace(policy=CachePolicy.DBCACHE)
             record.config = config
             top, layout = insert_step_cache_gate(*split_args)
@@ -329,7 +329,7 @@ def _per_block(gm, example_inputs, config, record, inner, cudagraphs, site, unca
         record.chain += f" ({kind} piece: {code.co_name}, graph breaks split the block)"
     if kind == per_block.START:
         per_block.piece_codes[code] = name
-    if config.policy is CachePolicy.DBPRUNE:  # DBPrune's per-block split lives in the whole graph
+    if config.policy is CachePolicy.DBPRUNE:  # DBPrune's DBPrune split lives in the whole graph
         log.warning("cachedit: policy='dbprune' needs the whole transformer in one graph; caching with dbcache")
         config = config.replace(policy=CachePolicy.DBCACHE)
         record.config = config

@@ -117,7 +117,7 @@ class CachePolicy(str, enum.Enum):
     """What is decided per step."""
 
     DBCACHE = "dbcache"  # one decision for all middle blocks, from the head residual
-    DBPRUNE = "dbprune"  # one decision per middle block, from that block's input (a per-block split)
+    DBPRUNE = "dbprune"  # one decision per middle block, from that block's input (the DBPrune split)
 
 
 class RefreshPolicy(str, enum.Enum):

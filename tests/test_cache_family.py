@@ -33,7 +33,7 @@ SETTINGS = [
 ]
 
 
-# With the per-block split (compiled with policy="dbprune"), requests choose DBCache or DBPrune.
+# With the DBPrune split (compiled with policy="dbprune"), requests choose DBCache or DBPrune.
 PRUNE_SETTINGS = [
     {"policy": "dbprune", "prune_threshold": 0.4},
     {"policy": "dbprune", "prune_threshold": 0.4, "non_prune_blocks": "2", "max_continuous_cached_steps": 1},

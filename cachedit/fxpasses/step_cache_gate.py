@@ -19,14 +19,14 @@ Algorithm:
      The head also returns its residual ``primary after block Fn-1 - primary entering block 0``,
      which the gate compares against the last computed step.
 
-Note [Per-block split]
-~~~~~~~~~~~~~~~~~~~~~~
+Note [DBPrune split]
+~~~~~~~~~~~~~~~~~~~~
 DBPrune (``policy="dbprune"``) decides per middle block, so with ``per_block`` the middle is cut again at
 every block boundary: one part per block, each behind its own reuse node, in chain order. A part's
 carried inputs are the streams from the head or an earlier part; every value it hands to a later part
 must continue one of them by shape (so a pruned block can rebuild it as input + residual), which holds
 for every chain whose blocks map streams to streams; a graph where it does not (a long skip connection
-between blocks) declines the per-block split and the backend falls back to the one-part middle with a
+between blocks) declines the DBPrune split and the backend falls back to the one-part middle with a
 logged reason. The same parts serve DBCache requests: a cached step adds each part's own residual, whose
 sum over the parts is the middle's residual of the same computed step (fp32 rounding of the sums apart).
 Each part returns its residuals after its outputs, as the one-part middle does.
@@ -70,7 +70,7 @@ _TIMESTEP_NAME = re.compile(r"^l_(?:kwargs_)?(timesteps?|t|sigmas?)_$")
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """One gated part of the middle: all middle blocks (DBCache), or one block (per-block split, DBPrune).
+    """One gated part of the middle: all middle blocks (DBCache), or one block (DBPrune split, DBPrune).
 
     Its compiled part takes ``carried`` (the streams entering it) first and returns its outputs, then one
     residual per output: ``output j - carried[residual_of[j]]``.
@@ -207,7 +207,7 @@ def insert_step_cache_gate(
     """Return a top-level GraphModule: ``head`` -> ``cachedit_gate`` -> ``cachedit_reuse(middle)`` -> ``tail``.
 
     With ``per_block`` the middle is one part per block, each behind its own reuse node
-    (``cachedit_reuse<i>(middle<i>)``, Note [Per-block split]); ``make_reuse(layout, k)`` makes the k-th.
+    (``cachedit_reuse<i>(middle<i>)``, Note [DBPrune split]); ``make_reuse(layout, k)`` makes the k-th.
     Invariant: with the gate always computing, the top-level module computes exactly what ``gm`` does
     (the same nodes run in the same order; only the residual subtractions are added).
     Raises ``NoChain`` when the chain cannot be split at ``fn``/``bn``; ``gm`` is never modified.

@@ -131,7 +131,7 @@ class RequestStats:
 
 @dataclasses.dataclass(eq=False)
 class _Kept:
-    """What one gated part (the middle, or one middle block under a per-block split) keeps for a branch."""
+    """What one gated part (the middle, or one middle block under a DBPrune split) keeps for a branch."""
 
     residuals: tuple[torch.Tensor, ...] | None = None  # its residual per output
     layouts: tuple = ()  # (size, stride) of each output, which the next compiled part expects
@@ -394,7 +394,7 @@ class StepCache:
         self._dead: list[int] = []
         self._lock = threading.Lock()
         self.reduce_sums = None  # set under context parallelism: sums a tensor over every rank
-        self.parts = 1  # gated parts per call: 1, or one per middle block (per-block split)
+        self.parts = 1  # gated parts per call: 1, or one per middle block (DBPrune split)
         self.per_block = False  # the split has one gated part per middle block (policy="dbprune" works)
         self.has_later_lists = False  # block_lists="separate" found lists after the first (Note [Block lists])
         self.copy_inputs = False  # dbprune keeps block inputs past the step: copy them out of CUDA graph pools
@@ -555,7 +555,7 @@ class StepCache:
     def _check_split(self, config: CacheditConfig) -> None:
         if config.policy is CachePolicy.DBPRUNE and not self.per_block:
             raise ValueError(
-                "policy='dbprune' decides per block, which needs the per-block split this model was not compiled "
+                "policy='dbprune' decides per block, which needs the DBPrune split this model was not compiled "
                 "with: compile it with options={'policy': 'dbprune'} (requests can then choose dbcache or dbprune)"
             )
 
@@ -691,7 +691,7 @@ class StepCache:
         return outs
 
     def _prune(self, req: _Request, branch: _Branch, middle, k: int, segment, inputs) -> tuple[torch.Tensor, ...]:
-        """DBPrune: run this block, or add its residual of its last computed step (Note [Per-block split])."""
+        """DBPrune: run this block, or add its residual of its last computed step (Note [DBPrune split])."""
         (block,) = segment.blocks
         kept, config, step = branch.part(k), req.config, req.local_step
         if block in config.non_prune_block_set:
