@@ -232,7 +232,8 @@ def cachedit_backend(
             cache.config = config = config.replace(policy=CachePolicy.DBCACHE)
             record.config = config
             top, layout = insert_step_cache_gate(*split_args)
-        cache.parts, cache.per_block, cache.copy_inputs = len(layout.segments), layout.per_block, cudagraphs
+        cache.parts, cache.dbprune_split, cache.copy_inputs = len(layout.segments), layout.dbprune_split, cudagraphs
+        cache.timestep_from_caller = layout.timestep is None  # Note [Timestep from the caller]
         if separate:
             record.list_layouts = _split_later_lists(top, cache, base)
             cache.has_later_lists = bool(record.list_layouts)

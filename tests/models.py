@@ -105,7 +105,7 @@ class ModelSpec:
             where = ", inside a request only (the forward rebinds its timestep)" if self.cls in PER_BLOCK_IN_REQUEST else ""
             return f"step-cached, per-block (each block a graph, or pieces of one){where}"
         if not self.single_graph_when_warm:
-            return "step-cached in one piece of several, inside a request only (that piece sees no timestep)"
+            return "step-cached in one piece of several (it reads the forward's timestep)"
         if not self.reads_timestep:
             return "step-cached, whole graph, inside a request only (the forward reads no timestep)"
         return "step-cached, whole graph"

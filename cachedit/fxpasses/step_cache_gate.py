@@ -103,7 +103,8 @@ class StepCacheLayout:
     segments: tuple[Segment, ...] = ()  # the gated parts in order (one, or one per middle block)
 
     @property
-    def per_block(self) -> bool:
+    def dbprune_split(self) -> bool:
+        """The middle is cut per block (Note [DBPrune split]); not the per-block path of runtime/per_block.py."""
         return len(self.segments) > 1 or (len(self.segments) == 1 and self.segments[0].part != "middle")
 
     def describe(self) -> str:
@@ -112,9 +113,9 @@ class StepCacheLayout:
             for i, (n, s) in enumerate(zip(self.carried, self.carried_shapes))
         )
         sizes = " | ".join(f"{p} {n} nodes" for p, n in self.part_sizes.items() if not p.startswith("middle") or p == "middle")
-        if self.per_block:
+        if self.dbprune_split:
             n = sum(v for p, v in self.part_sizes.items() if p.startswith("middle"))
-            sizes = sizes.replace(" | tail", f" | middle {n} nodes in {len(self.segments)} per-block parts | tail")
+            sizes = sizes.replace(" | tail", f" | middle {n} nodes in {len(self.segments)} parts, one per block | tail")
         return "\n".join(
             [
                 f"split F{self.fn}B{self.bn} of {self.chain_len} blocks: {sizes}",

@@ -80,11 +80,10 @@ from typing import Any
 
 import torch
 
-from cachedit.runtime.step_cache import _ACTIVE, StepCache, _execution_context
+from cachedit.runtime.step_cache import _ACTIVE, StepCache, _execution_context, timestep_local
 
 log = logging.getLogger("cachedit")
 
-_TIMESTEP_LOCALS = ("timestep", "timesteps", "t", "sigma", "sigmas")
 _MAX_FRAMES = 400  # how far up the call stack a model's frame is looked for
 
 
@@ -198,20 +197,11 @@ class ModelBlocks:
         return fallback
 
     def _timestep(self) -> torch.Tensor | None:
-        """The timestep the model's forward holds now; None when it holds none a request rule can trust.
-
-        Only a 0-d or 1-d real tensor (one value per sample) or a number counts: a forward that rebinds the
-        name to its embedding (HiDream: ``timesteps = self.t_embedder(timesteps)``) has lost the value.
-        """
-        found = self._model_locals() or {}
-        for name in _TIMESTEP_LOCALS:
-            value = found.get(name)
-            if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() > 0 and not value.is_complex():
-                self.timestep_source = f"the local {name!r} of the model's forward"
-                return value.detach()
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.timestep_source = f"the local {name!r} of the model's forward"
-                return torch.tensor([float(value)])
+        """The timestep the model's forward holds now (``timestep_local``); None when it holds none."""
+        found = timestep_local(self._model_locals() or {})
+        if found is not None:
+            self.timestep_source = f"the local {found[0]!r} of the model's forward"
+            return found[1]
         self.timestep_source = (
             "none: no 0-d/1-d local named timestep, timesteps, t, sigma or sigmas in the model's forward when "
             "its blocks run (caches only inside cachedit.request / cachedit.enable)"

@@ -62,7 +62,14 @@ class CompiledGraph:
         if self.layout is not None:
             if not getattr(self.layout, "per_block", False):
                 lines.append("  path: whole graph (the chain in one graph; Note [Step-cache split])")
-            lines += [f"  {line}" for line in self.layout.describe().splitlines()]
+            described = self.layout.describe()
+            source = getattr(self.cache, "timestep_source", None)
+            if source:  # Note [Timestep from the caller]
+                described = described.replace(
+                    "timestep input: none (caches only inside cachedit.request)",
+                    f"timestep input: none in this graph; detected requests read {source}",
+                )
+            lines += [f"  {line}" for line in described.splitlines()]
         for path, layout in self.list_layouts:  # a later block list decides on its own (block_lists="separate")
             split, carried = layout.describe().splitlines()[:2]
             lines += [f"  block list {path}, its own state: {split}", f"    {carried}"]

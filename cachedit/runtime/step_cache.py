@@ -45,6 +45,21 @@ again, as in cache-dit 1.5.3; the request's stats keep counting steps from its s
 the hint in transformer calls, we count steps (a step's CFG calls are one step): with separate CFG its
 hint is twice ours.
 
+Note [Timestep from the caller]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+When a graph break puts the block chain in a graph of its own after the code that reads the timestep
+(Lumina2, OmniGen, QwenImage 2.1), that graph has no timestep input, and without one a detected request
+cannot see where one generation ends. But the model's ``forward`` frame, which runs the graph, still holds
+the timestep it was called with: the gate looks for that frame on the call stack (the ``forward`` whose
+``self`` owns the graph's parameters; its code is remembered after the first find) and reads its local
+``timestep`` (or ``timesteps``, ``t``, ``sigma``, ``sigmas``), if that is still a 0-d or 1-d tensor or a
+number (``timestep_local``), as the per-block path does (``runtime/per_block.py``). The graph's other
+inputs are the previous graph's outputs, new tensors on every call, so they are not used as the latent
+and conditioning signals: the timestep rules alone place the call (a new request when the timestep breaks
+its direction, or after ``num_inference_steps``). A forward that rebinds the name to an embedding, or holds
+none, leaves the old rule: caching inside explicit requests only. Frames are per thread, so concurrent
+requests read their own.
+
 Memory: a request's buffers are the head residual of its last computed step and the middle residuals,
 per branch. A branch frees them after the last of ``num_inference_steps`` steps. With
 ``max_residual_bytes`` set, the oldest detected requests of a model lose their buffers (and compute
@@ -60,6 +75,7 @@ import contextvars
 import dataclasses
 import itertools
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -75,6 +91,7 @@ from cachedit.runtime import calibrators, policy, registry, rows
 log = logging.getLogger("cachedit")
 
 MAX_RECORDS = 256  # request records kept per model instance for ``cachedit.stats``
+_MAX_FRAMES = 64  # how far up the call stack the model's forward is looked for
 _request_ids = itertools.count()
 
 
@@ -274,6 +291,23 @@ def _borrowed_diff(req: _Request, branch: _Branch, step: int) -> float | None:
     return req.branches[0].stats.diffs.get(step)
 
 
+TIMESTEP_LOCALS = ("timestep", "timesteps", "t", "sigma", "sigmas")
+
+
+def timestep_local(f_locals: Mapping[str, Any]) -> tuple[str, torch.Tensor] | None:
+    """The timestep a model's forward holds in its locals, as ``(name, tensor)``; None when it holds none a
+    request rule can trust. Only a 0-d or 1-d real tensor (one value per sample) or a number counts: a
+    forward that rebinds the name to its embedding (HiDream: ``timesteps = self.t_embedder(timesteps)``) has
+    lost the value."""
+    for name in TIMESTEP_LOCALS:
+        value = f_locals.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() > 0 and not value.is_complex():
+            return name, value.detach()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return name, torch.tensor([float(value)])
+    return None
+
+
 def _refreshes_at(config: CacheditConfig, step: int) -> bool:
     """Whether ``force_refresh_step_hint`` restarts the cache state at ``step`` (Note [Forced refresh])."""
     hint = config.force_refresh_step_hint
@@ -395,8 +429,12 @@ class StepCache:
         self._lock = threading.Lock()
         self.reduce_sums = None  # set under context parallelism: sums a tensor over every rank
         self.parts = 1  # gated parts per call: 1, or one per middle block (DBPrune split)
-        self.per_block = False  # the split has one gated part per middle block (policy="dbprune" works)
+        self.dbprune_split = False  # one gated part per middle block (Note [DBPrune split]): dbprune works
         self.has_later_lists = False  # block_lists="separate" found lists after the first (Note [Block lists])
+        # Note [Timestep from the caller]: set when the graph has no timestep input
+        self.timestep_from_caller = False
+        self.caller_code = None  # the code of the model's forward that calls this graph, once found
+        self.timestep_source: str | None = None
         self.copy_inputs = False  # dbprune keeps block inputs past the step: copy them out of CUDA graph pools
 
     # -- state ------------------------------------------------------------------------------------
@@ -470,6 +508,11 @@ class StepCache:
         return gated
 
     def _gate(self, residual, timestep, param, latent, conditioning) -> tuple:
+        if timestep is None and self.timestep_from_caller:
+            timestep = self._caller_timestep(param)
+            # This graph's other inputs come from the graph before it, new tensors on every call: they are no
+            # signal of a request, so the timestep rules alone place the call.
+            latent = conditioning = None
         state = self.state(param)
         now = time.monotonic()
         state.sweep(now)
@@ -552,8 +595,35 @@ class StepCache:
             return None
         return [_what_to_add(kept, req.step) for kept in branch.kept]
 
+    def _caller_timestep(self, param: torch.Tensor) -> torch.Tensor | None:
+        """Note [Timestep from the caller]: the timestep local of the model's ``forward`` frame that is
+        running this graph, found on the call stack (the model is the module that owns ``param``)."""
+        frame = sys._getframe(2)
+        for _ in range(_MAX_FRAMES):
+            if frame is None:
+                return None
+            code = frame.f_code
+            if code is self.caller_code:
+                found = timestep_local(frame.f_locals)
+                return found[1] if found is not None else None
+            if self.caller_code is None and code.co_name == "forward":
+                owner = frame.f_locals.get("self")
+                if (
+                    isinstance(owner, torch.nn.Module)
+                    and not type(owner).__module__.startswith("torch.")
+                    and any(p is param for p in owner.parameters())
+                ):
+                    found = timestep_local(frame.f_locals)
+                    if found is None:
+                        return None
+                    self.caller_code = code
+                    self.timestep_source = f"the local {found[0]!r} of {type(owner).__name__}.forward, which runs this graph"
+                    return found[1]
+            frame = frame.f_back
+        return None
+
     def _check_split(self, config: CacheditConfig) -> None:
-        if config.policy is CachePolicy.DBPRUNE and not self.per_block:
+        if config.policy is CachePolicy.DBPRUNE and not self.dbprune_split:
             raise ValueError(
                 "policy='dbprune' decides per block, which needs the DBPrune split this model was not compiled "
                 "with: compile it with options={'policy': 'dbprune'} (requests can then choose dbcache or dbprune)"
