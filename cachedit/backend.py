@@ -234,6 +234,7 @@ def cachedit_backend(
             top, layout = insert_step_cache_gate(*split_args)
         cache.parts, cache.dbprune_split, cache.copy_inputs = len(layout.segments), layout.dbprune_split, cudagraphs
         cache.timestep_from_caller = layout.timestep is None  # Note [Timestep from the caller]
+        cache.resumed = _resumed()
         if separate:
             record.list_layouts = _split_later_lists(top, cache, base)
             cache.has_later_lists = bool(record.list_layouts)
@@ -362,6 +363,13 @@ def _parameterless_piece(gm, example_inputs, config, record, inner) -> Callable 
     record.chain = f"per-block: a {kind} piece of a {name} block without parameters ({code.co_name})"
     record.layout = per_block.PerBlockView(runner, name)
     return runner
+
+
+def _resumed() -> bool:
+    """Whether Dynamo is compiling the code after a graph break (a resume function), not a frame's start."""
+    context = torch._guards.TracingContext.try_get()
+    code = context.traced_code[0] if context is not None and context.traced_code else None
+    return code is not None and code.co_name.startswith("torch_dynamo_resume_in_")
 
 
 def _dynamic_sizes(gm: torch.fx.GraphModule) -> str | None:

@@ -94,7 +94,7 @@ class ModelSpec:
     out_tokens: int | None = None  # the output holds [text | image] tokens: the last `out_tokens` are the latent's
     uncached: str | None = None  # why the backend declines every piece that holds the main blocks (asserted)
     per_block: bool = False  # the main blocks are split over graphs: the per-block path caches them
-    reads_timestep: bool = True  # False: the forward never reads its timestep, so the graph has none to see
+    reads_timestep: bool = True  # False: the forward never uses its timestep, so the graph has none to see
 
     @property
     def status(self) -> str:
@@ -107,7 +107,7 @@ class ModelSpec:
         if not self.single_graph_when_warm:
             return "step-cached in one piece of several (it reads the forward's timestep)"
         if not self.reads_timestep:
-            return "step-cached, whole graph, inside a request only (the forward reads no timestep)"
+            return "step-cached, whole graph (the forward does not use its timestep: it is read from its frame)"
         return "step-cached, whole graph"
 
     def build(self, warm: bool = False) -> torch.nn.Module:

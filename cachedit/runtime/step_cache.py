@@ -53,11 +53,12 @@ cannot see where one generation ends. But the model's ``forward`` frame, which r
 the timestep it was called with: the gate looks for that frame on the call stack (the ``forward`` whose
 ``self`` owns the graph's parameters; its code is remembered after the first find) and reads its local
 ``timestep`` (or ``timesteps``, ``t``, ``sigma``, ``sigmas``), if that is still a 0-d or 1-d tensor or a
-number (``timestep_local``), as the per-block path does (``runtime/per_block.py``). The graph's other
-inputs are the previous graph's outputs, new tensors on every call, so they are not used as the latent
-and conditioning signals: the timestep rules alone place the call (a new request when the timestep breaks
-its direction, or after ``num_inference_steps``). A forward that rebinds the name to an embedding, or holds
-none, leaves the old rule: caching inside explicit requests only. Frames are per thread, so concurrent
+number (``timestep_local``), as the per-block path does (``runtime/per_block.py``); a forward that takes
+a timestep it never uses (DreamLite) gets it read the same way. When the graph resumes the forward after a
+graph break, its other inputs are the previous graph's outputs, new tensors on every call, so they are not
+used as the latent and conditioning signals: the timestep rules alone place the call (a new request when
+the timestep breaks its direction, or after ``num_inference_steps``). A forward that rebinds the name to an
+embedding, or holds none, leaves the old rule: caching inside explicit requests only. Frames are per thread, so concurrent
 requests read their own.
 
 Memory: a request's buffers are the head residual of its last computed step and the middle residuals,
@@ -433,6 +434,7 @@ class StepCache:
         self.has_later_lists = False  # block_lists="separate" found lists after the first (Note [Block lists])
         # Note [Timestep from the caller]: set when the graph has no timestep input
         self.timestep_from_caller = False
+        self.resumed = False  # this graph starts after a graph break: its inputs are the previous graph's outputs
         self.caller_code = None  # the code of the model's forward that calls this graph, once found
         self.timestep_source: str | None = None
         self.copy_inputs = False  # dbprune keeps block inputs past the step: copy them out of CUDA graph pools
@@ -510,9 +512,8 @@ class StepCache:
     def _gate(self, residual, timestep, param, latent, conditioning) -> tuple:
         if timestep is None and self.timestep_from_caller:
             timestep = self._caller_timestep(param)
-            # This graph's other inputs come from the graph before it, new tensors on every call: they are no
-            # signal of a request, so the timestep rules alone place the call.
-            latent = conditioning = None
+            if self.resumed:  # inputs made by the graph before this one, new on every call: no request signal
+                latent = conditioning = None
         state = self.state(param)
         now = time.monotonic()
         state.sweep(now)
