@@ -324,3 +324,19 @@ def test_new_resolution_recompiles_dynamic_and_still_splits():
     graphs = _graphs(model)
     assert len(graphs) == 2 and all(g.layout is not None for g in graphs), cachedit.explain(model)
     assert not graphs[1].layout.carried_shapes[0][1].isdigit(), "the second graph has a symbolic token count"
+
+
+def test_a_piece_without_a_timestep_input_reads_the_forward_timestep():
+    """Lumina2's block chain sits in a graph after a break, with no timestep input: its gate reads the
+    forward's ``timestep`` from the call stack (Note [Timestep from the caller]), so two back-to-back
+    generations are two detected requests with the same decisions and the same output."""
+    spec = get("lumina2")
+    model = spec.build(warm=True)
+    fast = compiled(model, Fn=1, Bn=0, threshold=0.9, warmup_steps=2, inner="eager")
+    first, _ = denoise(fast, spec, num_steps=6)
+    second, _ = denoise(fast, spec, num_steps=6)
+    records = [r for r in cachedit.stats(model)]
+    assert [(r.source, r.steps) for r in records] == [("timestep", 6)] * 2, records
+    assert records[0].branches["main"].cached_steps == records[1].branches["main"].cached_steps != []
+    assert torch.equal(first, second)
+    assert "detected requests read the local 'timestep' of Lumina2Transformer2DModel.forward" in cachedit.explain(model)
