@@ -234,7 +234,9 @@ def _joined(
     return bool(ours) and all(a in outputs or node_block.get(a) in ends_before for a in streams)
 
 
-_ATTENTION_OPS = ("scaled_dot_product_attention", "flex_attention", "softmax")
+# ``context_parallel_attention``: what the context-parallel rewrite puts in SDPA's place before the chain is
+# looked for (Note [Attention rewrite]); the blocks attend all the same.
+_ATTENTION_OPS = ("scaled_dot_product_attention", "flex_attention", "softmax", "context_parallel_attention")
 
 
 def _attends(node: torch.fx.Node) -> bool:

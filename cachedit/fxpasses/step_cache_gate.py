@@ -243,7 +243,7 @@ def insert_step_cache_gate(
             middle_dep = (
                 (block is not None and fn <= block < n_blocks - bn)
                 or any(a in in_middle_block for a in node.all_input_nodes)
-                or _side_effect(node)  # keeps its place: e.g. the end of a vmap the middle began
+                or _side_effect(node)  # keeps its place: the end of a vmap level the middle opened
             )
             if middle_dep:
                 in_middle_block.add(node)
@@ -412,14 +412,15 @@ def insert_step_cache_gate(
 
 
 def _side_effect(node: torch.fx.Node) -> bool:
-    """A node that changes global state (grad mode, functorch's vmap level) rather than computing a value.
+    """A call that opens or closes a functorch level (``torch.func.vmap``, jvp) rather than computing a value.
 
-    Such a node must run where it stands: hoisted out of the middle it would pair with nothing (a vmap
-    level left open, Kandinsky 6 SR's flex-attention masks) or run on cached steps that skip its partner.
-    torch 2.13 lists grad-mode and jvp-level calls as side-effectful, but not the vmap level calls.
+    It must run where it stands: hoisted out of the middle, a level's close would pair with nothing
+    (Kandinsky 6 SR's flex-attention masks are built under vmap in every block), and a cached step would
+    skip its open. Other impure nodes keep the usual rule: the functional collectives of context
+    parallelism (``wait_tensor``) that depend on no middle block are still hoisted with their inputs.
     """
     name = getattr(node.target, "__name__", "")
-    return node.op == "call_function" and (node.is_impure() or name.endswith(("_increment_nesting", "_decrement_nesting")))
+    return node.op == "call_function" and name.endswith(("_increment_nesting", "_decrement_nesting"))
 
 
 def _first_parameter(placeholders: list[torch.fx.Node]) -> torch.fx.Node:
