@@ -6,6 +6,7 @@ section records the machine, the torch version and the date, and the command tha
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -41,3 +42,26 @@ def write_section(title: str, body: str, command: str | None = None) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     BENCHMARKS_MD.write_text(text)
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count Tensor -> Python conversions (each one is a device sync on a GPU)."""
+    names = ["item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"]
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+    counter = {"reads": 0}
+
+    def wrap(fn):
+        def counted(self, *a, **k):
+            counter["reads"] += 1
+            return fn(self, *a, **k)
+
+        return counted
+
+    for n, fn in originals.items():
+        setattr(torch.Tensor, n, wrap(fn))
+    try:
+        yield counter
+    finally:
+        for n, fn in originals.items():
+            setattr(torch.Tensor, n, fn)

@@ -13,7 +13,6 @@ Measures, side by side in one process:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
@@ -22,7 +21,7 @@ import torch._inductor.config
 from diffusers import FluxTransformer2DModel
 
 import cachedit
-from report import markdown_table, write_section
+from report import count_host_reads, markdown_table, write_section
 
 SIDE = 32  # 32 x 32 = 1024 image tokens
 TEXT = 32
@@ -59,29 +58,6 @@ def generate(model, kw: dict, steps: int) -> torch.Tensor:
             out = model(**{**kw, "hidden_states": x}, timestep=torch.tensor([sigma]))[0]
             x = x - out / steps
     return x
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Count Tensor -> Python conversions (each one is a device sync on a GPU)."""
-    names = ["item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"]
-    originals = {n: getattr(torch.Tensor, n) for n in names}
-    counter = {"reads": 0}
-
-    def wrap(fn):
-        def counted(self, *a, **k):
-            counter["reads"] += 1
-            return fn(self, *a, **k)
-
-        return counted
-
-    for n, fn in originals.items():
-        setattr(torch.Tensor, n, wrap(fn))
-    try:
-        yield counter
-    finally:
-        for n, fn in originals.items():
-            setattr(torch.Tensor, n, fn)
 
 
 def compile_time(compiled, kw: dict) -> float:

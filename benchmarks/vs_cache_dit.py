@@ -40,7 +40,6 @@ and on CUDA the peak allocated device memory of the system's generation in this 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -182,31 +181,6 @@ def make_system(name: str, setup: Setup):
     return pipe
 
 
-@contextlib.contextmanager
-def count_host_reads():
-    """Count Tensor -> Python conversions (each one is a device sync on a GPU)."""
-    import torch
-
-    names = ["item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"]
-    originals = {n: getattr(torch.Tensor, n) for n in names}
-    counter = {"reads": 0}
-
-    def wrap(fn):
-        def counted(self, *a, **k):
-            counter["reads"] += 1
-            return fn(self, *a, **k)
-
-        return counted
-
-    for n, fn in originals.items():
-        setattr(torch.Tensor, n, wrap(fn))
-    try:
-        yield counter
-    finally:
-        for n, fn in originals.items():
-            setattr(torch.Tensor, n, fn)
-
-
 def dynamo_counts() -> tuple[int, int]:
     """(graphs compiled, graph breaks) so far in this process."""
     from torch._dynamo.utils import counters
@@ -249,6 +223,8 @@ def cached_steps(name: str, pipe) -> int:
 
 def run_in_process(setup: Setup, rounds: int, systems: Sequence[str], log=print):
     """Compile every system (its first generation), then time ``rounds`` interleaved rounds."""
+    from report import count_host_reads  # benchmarks/ is on sys.path once main() ran
+
     import torch
 
     torch.set_float32_matmul_precision("high")
