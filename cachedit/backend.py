@@ -113,7 +113,7 @@ def _split_later_lists(top: torch.fx.GraphModule, leader: StepCache, base: Cache
             path = chain.list_paths[0]
             config = base.replace(**base.list_settings.for_list(path))
             lists = ListCache(leader, path, config)
-            lists.copy_inputs = leader.copy_inputs
+            lists.copy_inputs, lists.reduce_sums = leader.copy_inputs, leader.reduce_sums  # the same mesh
             sub, layout = insert_step_cache_gate(
                 tail,
                 chain.only(path),

@@ -852,14 +852,6 @@ class ListCache(StepCache):
         super().__init__(config)
         self.leader, self.path = leader, path
 
-    @property
-    def reduce_sums(self):  # the leader's, set by the backend under context parallelism
-        return self.leader.reduce_sums
-
-    @reduce_sums.setter
-    def reduce_sums(self, value) -> None:
-        pass
-
     def gate(self, residual, timestep=None, param=None, latent=None, conditioning=None) -> tuple:
         placed = _PLACED.get()
         if placed is None or placed[0] is not self.leader:
