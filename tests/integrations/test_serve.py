@@ -164,6 +164,7 @@ BAD = [
     ({"prompt": "a red circle", "cachedit": {"Fn": 2}}, 400, "cachedit.Fn"),
     ({"prompt": "a red circle", "num_inference_steps": 4, "cachedit": {"budget": 0.1}}, 400, "cachedit.budget"),
     ({"prompt": "a red circle", "model": "dall-e-3"}, 400, "model"),
+    ({"prompt": "a red circle", "cachedit": {"policy": "dbprune"}}, 400, "cachedit.policy"),  # a batched step decides per request
 ]
 
 

@@ -11,13 +11,13 @@ from torch._dynamo.utils import counters
 pytest.importorskip("prometheus_client")
 
 from cachedit.embedded import load_pipeline  # noqa: E402
-from cachedit.integrations import serve  # noqa: E402
+from cachedit.integrations import engine as serving  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("fresh_dynamo"), pytest.mark.timeout(600)]
 
 
 def _params(seed, steps, **settings):
-    return serve.Params("a large red circle in the center", steps=steps, seed=seed, settings=settings)
+    return serving.Params("a large red circle in the center", steps=steps, seed=seed, settings=settings)
 
 
 def test_a_request_raising_inside_the_model_fails_alone_and_the_batch_finishes_as_alone():
@@ -25,7 +25,7 @@ def test_a_request_raising_inside_the_model_fails_alone_and_the_batch_finishes_a
     the HTTP layer refuses it with a 400, the engine alone does not) raises in the gate of a batched call:
     it fails alone, and its batch-mates finish with their solo decisions, in one compiled graph."""
     torch.set_num_threads(1)
-    engine = serve.Engine(load_pipeline(), {"Fn": 1, "Bn": 0, "warmup_steps": 2, "threshold": 0.3, "inner": "eager"})
+    engine = serving.BatchedEngine(load_pipeline(), {"Fn": 1, "Bn": 0, "warmup_steps": 2, "threshold": 0.3, "inner": "eager"})
     try:
         good = [_params(1, 6), _params(2, 8, threshold=0.5), _params(3, 5, max_continuous_cached_steps=1)]
         bad = _params(4, 4, budget=0.1)
