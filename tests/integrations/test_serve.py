@@ -12,14 +12,10 @@ import base64
 import concurrent.futures
 import io
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,45 +27,16 @@ pytest.importorskip("prometheus_client")
 from PIL import Image  # noqa: E402
 
 from cachedit.integrations.demo import psnr  # noqa: E402
+from tests.integrations.server_process import serve  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 MAX_QUEUE = 24
 pytestmark = pytest.mark.timeout(600)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "cachedit", "serve", "--port", str(port), "--inner", "eager", "--threads", "1",
-           "--max-batch", "16", "--max-queue", str(MAX_QUEUE), "--threshold", "0.3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server did not start: {proc.stdout.read()[-3000:]}")
-        time.sleep(0.5)
-    yield url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with serve(["--inner", "eager", "--max-batch", "16", "--max-queue", str(MAX_QUEUE), "--threshold", "0.3"]) as running:
+        yield running
 
 
 def _image(item) -> np.ndarray:

@@ -18,12 +18,10 @@ import concurrent.futures
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,9 +35,9 @@ from PIL import Image  # noqa: E402
 
 import cachedit  # noqa: E402
 from cachedit.integrations.demo import psnr  # noqa: E402
+from tests.integrations.server_process import ROOT, serve  # noqa: E402
 from tests.flux_pipeline import save_tiny_flux_pipeline  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {"inner": "eager", "Fn": 1, "Bn": 0, "warmup_steps": 2, "threshold": 0.3}  # the server's flags below
 FAULT_WIDTH = 48
 FAULTY_VAE = f'''
@@ -57,12 +55,6 @@ class SizeFaultVAE(AutoencoderKL):
 pytestmark = pytest.mark.timeout(600)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-flux")
@@ -76,32 +68,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "cachedit", "serve", "--model", str(model_dir), "--trust-remote-code",
-           "--port", str(port), "--threads", "1", "--default-size", "64", "--max-queue", "8"]
-    cmd += ["--inner", "eager", "--Fn", "1", "--Bn", "0", "--warmup-steps", "2", "--threshold", "0.3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server did not start: {proc.stdout.read()[-3000:]}")
-        time.sleep(0.5)
-    yield url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    flags = ["--model", str(model_dir), "--trust-remote-code", "--default-size", "64", "--max-queue", "8",
+             "--inner", "eager", "--Fn", "1", "--Bn", "0", "--warmup-steps", "2", "--threshold", "0.3"]
+    with serve(flags) as running:
+        yield running
 
 
 def _post(url, body, timeout=120):
