@@ -70,25 +70,38 @@ def stream_name(node: torch.fx.Node) -> str:
     return node.name.removeprefix("l_").removeprefix("kwargs_").removesuffix("_")
 
 
+def _graph_inputs(gm: torch.fx.GraphModule) -> tuple[list[torch.fx.Node], list[int], list[tuple[int, torch.fx.Node]]]:
+    """The placeholders, the indices of the parameter inputs, and the floating-point user inputs with
+    their indices (the streams a block could continue)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    params = [i for i, n in enumerate(placeholders) if is_static_input(n)]
+    user = [
+        (i, n)
+        for i, n in enumerate(placeholders)
+        if not is_static_input(n)
+        and isinstance(n.meta.get("example_value"), torch.Tensor)
+        and n.meta["example_value"].is_floating_point()
+    ]
+    return placeholders, params, user
+
+
+def _graph_outputs(gm: torch.fx.GraphModule) -> list:
+    """The graph's outputs as a list (one output is a list of one)."""
+    (output,) = gm.graph.find_nodes(op="output")
+    outs = output.args[0]
+    return list(outs) if isinstance(outs, (tuple, list)) else [outs]
+
+
 def analyse_block_graph(gm: torch.fx.GraphModule) -> BlockGraphLayout:
     """The streams of a block's own graph (Note [Block graphs]); raises ``NotABlock`` with a reason."""
     broke = graph_break_reason(gm)
     if broke is not None:
         raise NotABlock(f"the graph ends at a graph break inside the block ({broke})")
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    params = [i for i, n in enumerate(placeholders) if is_static_input(n)]
+    placeholders, params, user = _graph_inputs(gm)
     if not params:
         raise NotABlock("the graph has no parameter input to tell blocks apart")
-    candidates = [
-        n
-        for n in placeholders
-        if not is_static_input(n)
-        and isinstance(n.meta.get("example_value"), torch.Tensor)
-        and n.meta["example_value"].is_floating_point()
-    ]
-    (output,) = gm.graph.find_nodes(op="output")
-    outs = output.args[0]
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    candidates = [n for _, n in user]
+    outs = _graph_outputs(gm)
     if not outs:
         raise NotABlock("the block returns nothing")
     for out in outs:
@@ -141,18 +154,8 @@ class PieceLayout:
 def analyse_piece(gm: torch.fx.GraphModule) -> PieceLayout:
     """The inputs and outputs of a block piece: what a skipped piece must provide, and which inputs each
     output could continue (resolved at run time against the names the block's first piece received)."""
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    params = [i for i, n in enumerate(placeholders) if is_static_input(n)]
-    user = [
-        (i, n)
-        for i, n in enumerate(placeholders)
-        if not is_static_input(n)
-        and isinstance(n.meta.get("example_value"), torch.Tensor)
-        and n.meta["example_value"].is_floating_point()
-    ]
-    (output,) = gm.graph.find_nodes(op="output")
-    outs = output.args[0]
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    _, params, user = _graph_inputs(gm)
+    outs = _graph_outputs(gm)
     candidates, statics = [], []
     for out in outs:
         value = out.meta.get("example_value") if isinstance(out, torch.fx.Node) else None
