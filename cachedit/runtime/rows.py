@@ -293,6 +293,23 @@ def _analyse(middle, n_carried: int) -> _MiddleRows:
                 return _MiddleRows(False, why=f"middle input {i} {tuple(value.shape)} has the batch size off dim 0")
     if not set(range(n_carried)) <= set(indexed):
         return _MiddleRows(False, why="a stream entering the middle has no batch dimension first")
+    # A first size that is a symbol of its own (not the batch, nor a size of the batched inputs) may be a
+    # batch size the trace never tied to the primary's: an attention mask marked dynamic apart, whose
+    # only link to the batch is a view's runtime check (PixArt). Indexing it is not known to be right,
+    # leaving it whole is known to be wrong; so the middle runs on every row.
+    known = {symbol}
+    for i in indexed:
+        known |= {e for s in values[i].shape[1:] if isinstance(s, torch.SymInt) for e in s.node.expr.free_symbols}
+    for i, value in enumerate(values):
+        if i in indexed or not isinstance(value, torch.Tensor) or not value.dim() or not isinstance(value.shape[0], torch.SymInt):
+            continue
+        stray = value.shape[0].node.expr.free_symbols - known
+        if stray:
+            return _MiddleRows(
+                False,
+                why=f"middle input {i} {tuple(value.shape)} starts with a size ({', '.join(map(str, stray))}) the trace did "
+                "not tie to the batch size, which may be another batch dimension",
+            )
     return _MiddleRows(True, tuple(indexed), tuple(sizes))
 
 

@@ -171,3 +171,39 @@ def _middle_plan(model):
 
     (graph,) = _graphs(model)
     return graph.module().middle._cachedit_rows
+
+
+def test_a_mask_whose_batch_size_the_trace_keeps_apart_runs_every_row_and_stays_right():
+    """PixArt's attention mask meets the batch only in a view inside the attention, so Dynamo traces its
+    batch as a symbol of its own. The middle cannot tell it is a batch: it must run on every row (it used
+    to run on the computing rows with the whole mask and crash). Each request still gets its own result:
+    the batched call's rows equal each request's rows run alone (1e-5: float32 reordering)."""
+    from tests.models import _pixart_inputs
+
+    spec = get("pixart")
+    thresholds = (0.0, 10.0, 0.0)  # the middle request caches from its second step, the others never
+    # [request][step]: a latent that moves each step (the same latent again is a further call of one step)
+    inputs = [[_pixart_inputs(torch.Generator().manual_seed(10 * i + step), 2) for step in range(4)] for i in range(3)]
+
+    def run(groups):
+        torch._dynamo.reset()
+        model = spec.build()
+        model.compile(backend="cachedit", options={**OPTIONS, "warmup_steps": 1})
+        handles = [cachedit.open_request(model, num_inference_steps=4, threshold=thresholds[i]) for i in groups]
+        outs = []
+        for step in range(4):
+            keys = ("hidden_states", "encoder_hidden_states", "encoder_attention_mask")
+            x = {k: torch.cat([inputs[i][step][k] for i in groups]) for k in keys}
+            t = torch.full((2 * len(groups),), 900.0 - 100 * step)
+            for value in (*x.values(), t):
+                torch._dynamo.mark_dynamic(value, 0)
+            with torch.no_grad(), cachedit.rows(model, [(h, 2) for h in handles]):
+                outs.append(model(**x, timestep=t, added_cond_kwargs=inputs[0][0]["added_cond_kwargs"], return_dict=False)[0])
+        return torch.stack(outs), [h.stats.branch_list[0].cached_steps for h in handles]
+
+    together, cached = run([0, 1, 2])
+    assert cached == [[], [1, 2, 3], []], cached
+    for i in range(3):
+        alone, alone_cached = run([i])
+        assert alone_cached == [cached[i]]
+        assert (together[:, 2 * i : 2 * i + 2] - alone).abs().max().item() <= 1e-5
