@@ -29,15 +29,20 @@ stops accepting, the in-flight generations finish, then the worker stops.
 
 Note [Serving any pipeline]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Every other diffusers pipeline with a ``transformer`` is served by ``PipelineEngine``: one generation at
-a time, each a ``pipe(prompt=..., num_inference_steps=..., height=..., width=..., generator=...)`` call
-inside ``cachedit.request`` with that generation's settings. The loop is the pipeline's own, so any
-text-to-image DiT pipeline works, with its own text encoders, guidance and VAE; batching across requests
-would need each pipeline family's loop written out as above, and is not done. Cancellation rides on
-``callback_on_step_end`` (or the older ``callback``, PixArt's): the callback raises ``Cancelled`` at the
-step after the client left, the exception leaves the pipeline, and ``cachedit.request`` frees the state
-on the way out. A pipeline with neither finishes a cancelled generation and drops its result. Sizes must be multiples of
-the VAE's scale factor times the transformer's patch (at least 2, which Flux-style 2x2 packing needs).
+Every other diffusers pipeline with a ``transformer`` is served by ``PipelineEngine`` through its own
+``pipe(prompt=..., num_inference_steps=..., height=..., width=..., generator=...)``, so any text-to-image
+DiT pipeline works with its own text encoders, guidance, scheduler and VAE:
+  - ``max_batch > 1``: up to ``max_batch`` generations run at once, each its own pipeline call in its own
+    thread, and their transformer calls are merged into one batched call per step with a row group per
+    generation (Note [Merged pipeline calls] in ``merge_calls.py``). Each generation is a request opened
+    with ``cachedit.open_request``; ``policy="dbprune"`` and separate block lists are refused there, as in
+    the batched loop above;
+  - ``max_batch == 1``: one generation after another, each inside ``cachedit.request`` (every setting).
+Cancellation rides on ``callback_on_step_end`` (or the older ``callback``, PixArt's): the callback raises
+``Cancelled`` at the step after the client left, the exception leaves the pipeline, and the request is
+closed on the way out. A pipeline with neither finishes a cancelled generation and drops its result.
+Sizes must be multiples of the VAE's scale factor times the transformer's patch (at least 2, which
+Flux-style 2x2 packing needs).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures
+import copy
 import dataclasses
 import inspect
 import io
@@ -272,6 +278,7 @@ class Engine:
         with self.cond:
             if job in self.active:
                 self.active.remove(job)
+            self.cond.notify_all()
         self.metrics.active.set(len(self.active))
         self.metrics.requests.labels(status).inc()
         if not job.future.done():
@@ -307,6 +314,7 @@ class Engine:
         }
         with self.cond:
             self.active.remove(job)
+            self.cond.notify_all()
         self.metrics.active.set(len(self.active))
         self.metrics.requests.labels("ok").inc()
         self.metrics.steps.labels("cached").inc(len(cached))
@@ -503,8 +511,9 @@ class BatchedEngine(Engine):
 
 
 class PipelineEngine(Engine):
-    """Any diffusers text-to-image pipeline with a transformer, one generation at a time
-    (Note [Serving any pipeline])."""
+    """Any diffusers text-to-image pipeline with a transformer: its own ``__call__`` per generation, up to
+    ``max_batch`` at once with their transformer calls merged (Notes [Serving any pipeline] and
+    [Merged pipeline calls]); ``max_batch=1`` runs them one after another."""
 
     NEEDS = ("prompt", "num_inference_steps", "height", "width", "generator", "output_type")
 
@@ -517,9 +526,6 @@ class PipelineEngine(Engine):
                 f"{type(pipe).__name__}.__call__ takes no {', '.join(missing)}: it is not a text-to-image pipeline"
             )
         self.accepted = accepted
-        if self.max_batch > 1:
-            log.info(f"cachedit serve: {type(pipe).__name__} runs one generation at a time (batching is for the embedded pipeline)")
-        self.max_batch = 1
         steps = accepted["num_inference_steps"].default
         self.default_steps = steps if isinstance(steps, int) and steps > 0 else 28
         guidance = accepted.get("guidance_scale")
@@ -541,41 +547,94 @@ class PipelineEngine(Engine):
                 "cancels nothing before its generation ends"
             )
         pipe.set_progress_bar_config(disable=True)
+        self.merger = None
+        if self.max_batch > 1:
+            if self.config.policy is CachePolicy.DBPRUNE or self.config.block_lists is BlockLists.SEPARATE:
+                raise ValueError(
+                    f"policy={self.config.policy.value!r}, block_lists={self.config.block_lists.value!r}: a merged "
+                    "call decides once per request (cachedit.rows), not per block or per list; serve with "
+                    "--max-batch 1, or with policy='dbcache' and block_lists='joined'"
+                )
+            from cachedit.integrations.merge_calls import CallMerger, MergingTransformer
+
+            self.merger = CallMerger(self.model, on_call=self._observe)
+            pipe.transformer = MergingTransformer(self.model, self.merger)
+            self.views = threading.local()
+
+    def _view(self):
+        """This generation thread's own pipeline over the shared models: a pipeline call keeps its state
+        on the pipeline and in its scheduler, and fast tokenizers refuse concurrent use, so each thread gets
+        its own copies of every component that is not a module (Note [Merged pipeline calls])."""
+        if self.merger is None:
+            return self.pipe
+        view = getattr(self.views, "pipe", None)
+        if view is None:
+            own = {  # every component passed: from_pipe drops custom (remote-code) ones it is not handed
+                name: component if component is None or isinstance(component, torch.nn.Module) else copy.deepcopy(component)
+                for name, component in self.pipe.components.items()
+            }
+            quiet = logging.getLogger("diffusers")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)  # from_pipe's no-op .to(dtype) warns about fp32 modules each time
+            try:
+                view = self.views.pipe = type(self.pipe).from_pipe(self.pipe, **own)
+            finally:
+                quiet.setLevel(level)
+            view.set_progress_bar_config(disable=True)
+        return view
 
     def check(self, params: Params) -> None:
-        if self.config.for_request(params.settings).policy is CachePolicy.DBPRUNE and self.config.policy is not CachePolicy.DBPRUNE:
+        if self.config.for_request(params.settings).policy is not CachePolicy.DBPRUNE:
+            return
+        if self.merger is not None:
+            raise RequestError(
+                "cachedit.policy",
+                "policy='dbprune' decides per block, which a merged call does not run; use policy='dbcache' "
+                "(or serve with --max-batch 1 and -o policy=dbprune)",
+            )
+        if self.config.policy is not CachePolicy.DBPRUNE:
             raise RequestError(
                 "cachedit.policy",
                 "policy='dbprune' needs the per-block split, which this server's model was compiled without; "
                 "start the server with -o policy=dbprune (its requests may then choose dbcache too)",
             )
 
+    def _observe(self, rows: list[int]) -> None:
+        self.metrics.batch_rows.observe(sum(rows))
+        self.metrics.batch_requests.observe(len(rows))
+
     def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queue:
-                    if self.stopping:
-                        return
-                    self.cond.wait()
-                job = self.queue.popleft()
-                self.metrics.queue.set(len(self.queue))
-                self.active.append(job)
-            self.metrics.active.set(1)
-            self._generate(job)
+        with concurrent.futures.ThreadPoolExecutor(self.max_batch, thread_name_prefix="cachedit-serve-generation") as pool:
+            while True:
+                with self.cond:
+                    while not self.queue or len(self.active) >= self.max_batch:
+                        if self.stopping and not self.queue and not self.active:
+                            return
+                        self.cond.wait()
+                    job = self.queue.popleft()
+                    self.metrics.queue.set(len(self.queue))
+                    self.active.append(job)
+                    self.metrics.active.set(len(self.active))
+                pool.submit(self._generate, job)
 
     @torch.no_grad()
     def _generate(self, job: Job) -> None:
+        from cachedit.integrations.merge_calls import CALLER
+
         p = job.params
         job.started = last = time.perf_counter()
 
         def step_done(index: int) -> None:
             nonlocal last
             if job.cancelled:
-                raise Cancelled("the client disconnected")  # leaves pipe(); cachedit.request frees the state
+                raise Cancelled("the client disconnected")  # leaves pipe(); its request is closed below
             now = time.perf_counter()
             self.step_seconds.append(now - last)
             last = now
-            self.metrics.batch_requests.observe(1)
+            if self.merger is None:
+                self._observe([p.n])
+            elif index == p.steps - 1:
+                self.merger.leave(job)  # decoding next: the others' steps need not wait for it
             if job.on_step is not None:
                 job.on_step(index + 1)
 
@@ -597,8 +656,21 @@ class PipelineEngine(Engine):
         try:
             if job.cancelled:
                 raise Cancelled("cancelled before it started")
-            with cachedit.request(self.model, num_inference_steps=p.steps, **p.settings):
-                images = getattr(self.pipe(**kwargs), "images", None)
+            if self.merger is None:
+                with cachedit.request(self.model, num_inference_steps=p.steps, **p.settings):
+                    images = getattr(self.pipe(**kwargs), "images", None)
+                # one generation at a time: the one explicit record it added is this generation's
+                record = next((r for r in cachedit.stats(self.model) if r.id not in before and r.source == "explicit"), None)
+            else:
+                job.handle = cachedit.open_request(self.model, num_inference_steps=p.steps, **p.settings)
+                token = CALLER.set(job)
+                try:
+                    images = getattr(self._view()(**kwargs), "images", None)
+                finally:
+                    CALLER.reset(token)
+                    self.merger.leave(job)
+                job.handle.close()
+                record = job.handle.stats
             if job.cancelled:
                 raise Cancelled("the client disconnected")
             if not isinstance(images, list):
@@ -610,13 +682,11 @@ class PipelineEngine(Engine):
             log.exception("cachedit serve: a generation raised inside the pipeline")
             self._fail(job, err, "error")
             return
-        # the worker runs one generation at a time: the one explicit record it added is this generation's
-        record = next((r for r in cachedit.stats(self.model) if r.id not in before and r.source == "explicit"), None)
         self._succeed(job, images, record)
 
 
 def engine_for(pipe, options: Mapping[str, Any] | None = None, max_batch: int = 8, max_queue: int = 64) -> Engine:
-    """The engine that serves ``pipe``: batched for the embedded pipeline, one at a time for any other."""
+    """The engine that serves ``pipe``: the embedded pipeline's batched loop, or any other pipeline's own call."""
     from cachedit.embedded.pipeline import EmbeddedDiTPipeline
 
     cls = BatchedEngine if isinstance(pipe, EmbeddedDiTPipeline) else PipelineEngine

@@ -6,11 +6,14 @@ Its VAE is a custom component shipped in the directory (``vae/size_fault_vae.py`
 ``--trust-remote-code``) that raises for images 48 pixels wide: a failure inside the model that a client
 can trigger on purpose, to see one generation fail with a 500 while the others finish.
 
-Tolerance: the served generation and the same call of ``cachedit.enable(pipe)`` in this process make the
-same cached/computed steps and give PNGs within PSNR >= 40 dB. Both run the same weights, seed and
-settings with inner="eager"; they differ only in the thread count of the two processes (float32
-reordering, ~1e-6), far below one 8-bit level (48 dB); a leaked state or a wrong setting changes a
-decision or moves pixels by many levels.
+The server merges the transformer calls of concurrent generations (its default ``--max-batch 8``);
+``cachedit generate`` runs one generation (``--max-batch 1``: a plain ``cachedit.request``).
+
+Tolerance: the served generation and the same call of ``cachedit.enable(pipe)`` alone in this process make
+the same cached/computed steps and give PNGs within PSNR >= 40 dB. Both run the same weights, seed and
+settings with inner="eager"; they differ by float32 reordering (~1e-6: the merged matmuls have more rows,
+the processes other thread counts), far below one 8-bit level (48 dB); a leaked state, a row given to
+the wrong request or a wrong setting changes a decision or moves pixels by many levels.
 """
 
 import base64
@@ -98,11 +101,17 @@ BODIES = [
 
 
 def test_a_diffusers_pipeline_directory_serves_what_the_pipeline_makes_alone(server, model_dir):
-    """Four concurrent requests with different settings, steps, guidance and n: each equals the same call of
-    the pipeline under ``cachedit.enable`` in this process."""
+    """Four concurrent requests with different settings, steps, guidance and n, their transformer calls merged
+    (Note [Merged pipeline calls]): each equals the same call of the pipeline under ``cachedit.enable`` alone
+    in this process."""
     url, _ = server
+    before = httpx.get(f"{url}/metrics").text
     with concurrent.futures.ThreadPoolExecutor(len(BODIES)) as pool:
         served = list(pool.map(lambda b: _post(url, b), BODIES))
+    after = httpx.get(f"{url}/metrics").text
+    calls = {le: _metric(after, f'cachedit_batch_generations_bucket{{le="{le}"}}')
+             - _metric(before, f'cachedit_batch_generations_bucket{{le="{le}"}}') for le in ("1.0", "+Inf")}
+    assert calls["+Inf"] > calls["1.0"], "no transformer call carried two generations: nothing was merged"
     from diffusers import DiffusionPipeline
 
     torch._dynamo.reset()
@@ -215,8 +224,9 @@ def test_a_pipeline_without_a_transformer_is_refused_by_name():
 
 def test_a_pixart_pipeline_with_batched_guidance_and_the_old_callback_is_served_in_process(tmp_path):
     """The second family, through the engine alone: PixArt-Sigma runs CFG in one batched transformer call,
-    steps DPM-Solver and reports steps through ``callback``; each generation equals the pipeline's own call
-    under ``cachedit.enable``, and a cancelled one stops at a step boundary and leaves no state."""
+    steps DPM-Solver and reports steps through ``callback``. Three generations submitted together (their
+    uncond/cond rows merged into calls of up to 6 rows) each equal the pipeline's own call under
+    ``cachedit.enable``, and a cancelled one stops at a step boundary and leaves no state."""
     from diffusers import DiffusionPipeline
 
     from cachedit.integrations.engine import Cancelled, Params, PipelineEngine, engine_for
@@ -232,7 +242,11 @@ def test_a_pixart_pipeline_with_batched_guidance_and_the_old_callback_is_served_
         assert (engine.default_steps, engine.default_guidance) == (20, 4.5)  # the pipeline's own defaults
         cases = [Params("a red circle", height=SIZE, width=SIZE, steps=10, guidance=4.5, seed=1, settings=s)
                  for s in ({}, {"threshold": 0.6}, {"scm": "fast", "scm_policy": "static"})]
-        served = [engine.generate(p, timeout=300) for p in cases]
+        with engine.cond:  # queued together: their calls merge, two CFG rows per generation
+            jobs = [engine.submit(p) for p in cases]
+        served = [j.future.result(timeout=300) for j in jobs]
+        assert _metric(engine.metrics.text().decode(), "cachedit_batch_rows_bucket{le=\"4.0\"}") < \
+            _metric(engine.metrics.text().decode(), "cachedit_batch_rows_count"), "no call carried 6 rows"
         steps = []
         cancelled = engine.submit(
             Params("a blue square", height=SIZE, width=SIZE, steps=200, guidance=4.5, seed=2),
