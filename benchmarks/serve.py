@@ -10,7 +10,10 @@ Part 2 (``mixed``): one compiled embedded transformer, 8 CFG requests in one bat
 compute. Median seconds per step against the proportional cost
 ``cached + k/8 * (full - cached)`` (head and tail always run on every row; the middle on the k rows).
 
-    python benchmarks/serve.py            # both parts; writes both sections of BENCHMARKS.md
+Part 3 (``pipeline``): ``--model DIR`` of a whole tiny FluxPipeline, its generations' transformer calls merged
+(``--max-batch 8``) against one generation after another (``--max-batch 1``), at 1, 4 and 16 clients.
+
+    python benchmarks/serve.py            # every part; writes each section of BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -46,12 +49,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(batch: int, threshold: float, threads: int):
+def _start(batch: int, threshold: float, threads: int, extra: tuple[str, ...] = ()):
     import httpx
 
     port = _free_port()
     cmd = [sys.executable, "-m", "cachedit", "serve", "--port", str(port), "--inner", "eager", "--threads", str(threads),
-           "--max-batch", str(batch), "--max-queue", "256", "--threshold", str(threshold)]
+           "--max-batch", str(batch), "--max-queue", "256", "--threshold", str(threshold), *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -68,7 +71,7 @@ def _start(batch: int, threshold: float, threads: int):
         time.sleep(0.5)
 
 
-def _load(url: str, clients: int, per_client: int, steps: int) -> tuple[float, list[float], int]:
+def _load(url: str, clients: int, per_client: int, steps: int, size: int | None = None) -> tuple[float, list[float], int]:
     import httpx
 
     def client(c: int) -> list[tuple[float, int]]:
@@ -76,6 +79,8 @@ def _load(url: str, clients: int, per_client: int, steps: int) -> tuple[float, l
         with httpx.Client(timeout=600) as http:
             for i in range(per_client):
                 body = {"prompt": PROMPTS[(c + i) % len(PROMPTS)], "seed": 100 * c + i, "num_inference_steps": steps}
+                if size:
+                    body["size"] = f"{size}x{size}"
                 start = time.perf_counter()
                 r = http.post(f"{url}/v1/images/generations", json=body)
                 r.raise_for_status()
@@ -121,6 +126,43 @@ def load_part(threads: int, steps: int) -> str:
         f"32x32, {steps} steps, guidance 4, `--max-batch 16` or 1); each client sends its requests back to back. "
         f"Load average at the end: {os.getloadavg()[0]:.1f}.\n\n"
         + table
+    )
+
+
+def pipeline_part(threads: int, steps: int) -> str:
+    """``--model DIR`` of a whole tiny FluxPipeline (tests/flux_pipeline.py): merged calls against one
+    generation after another, caching on."""
+    import tempfile
+
+    from tests.flux_pipeline import save_tiny_flux_pipeline
+
+    rows = []
+    with tempfile.TemporaryDirectory() as model_dir:
+        save_tiny_flux_pipeline(model_dir)
+        extra = ("--model", model_dir, "--default-size", "64", "--Fn", "1", "--Bn", "0", "--warmup-steps", "2")
+        for batch in (8, 1):
+            proc, url = _start(batch, 0.3, threads, extra)
+            try:
+                for clients in (1, 4, 16):
+                    per_client = {1: 8, 4: 4, 16: 2}[clients]
+                    wall, lat, cached = _load(url, clients, per_client, steps, size=64)
+                    n = clients * per_client
+                    rows.append([
+                        f"merged (--max-batch {batch})" if batch > 1 else "one at a time", clients, n, f"{n / wall:.2f}",
+                        f"{_pct(lat, 0.5):.2f}", f"{_pct(lat, 0.95):.2f}", f"{cached / (n * steps):.0%}",
+                    ])
+                    print(rows[-1], flush=True)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=120)
+    table = markdown_table(["calls", "clients", "requests", "images/s", "p50 s", "p95 s", "steps cached"], rows)
+    return (
+        "A `cachedit serve --model DIR` process per setting on a whole tiny FluxPipeline saved to a directory "
+        "(CLIP + T5 text encoders with tokenizers, a VAE, a 2 + 4 block Flux transformer of width 32; "
+        f"64x64, 16 image + 512 text tokens, {steps} steps, threshold 0.3, F1B0, inner eager, {threads} torch "
+        "thread(s)); each client sends its requests back to back. The model is small enough that Python and "
+        "the text encoders weigh as much as the transformer: this measures the merging machinery more than "
+        f"a GPU's batching gain. Load average at the end: {os.getloadavg()[0]:.1f}.\n\n" + table
     )
 
 
@@ -182,7 +224,7 @@ def mixed_part(threads: int, size: int, repeats: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("load", "mixed", "all"), default="all")
+    parser.add_argument("--part", choices=("load", "mixed", "pipeline", "all"), default="all")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--size", type=int, default=64, help="image side for the mixed-step part")
@@ -193,6 +235,8 @@ def main() -> None:
         write_section("Serve: mixed batched steps", mixed_part(args.threads, args.size, args.repeats))
     if args.part in ("load", "all"):
         write_section("Serve: load", load_part(args.threads, args.steps))
+    if args.part in ("pipeline", "all"):
+        write_section("Serve: any diffusers pipeline", pipeline_part(args.threads, args.steps))
 
 
 if __name__ == "__main__":
