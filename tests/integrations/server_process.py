@@ -53,3 +53,34 @@ def serve(args: Sequence[str], start_timeout: float = 240) -> Iterator[tuple[str
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels) in Prometheus text; 0 when absent."""
+    line = next((x for x in text.splitlines() if x.split(" ")[0] == name), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def abandon_request(url: str, body: dict, running_for: float = 0.0) -> None:
+    """Send ``body`` to ``/v1/images/generations`` on a raw socket, wait until the server runs it (and
+    ``running_for`` seconds more), then close the socket: a client that dies mid-request. Returns once the
+    server has nothing queued, running or held."""
+    import json
+
+    import httpx
+
+    port = int(url.rsplit(":", 1)[1])
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 + f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/health").json()["active"] == 0:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.02)
+    time.sleep(running_for)
+    sock.close()
+    deadline = time.monotonic() + 60
+    while (state := httpx.get(f"{url}/health").json()) != {"status": "ok", "queued": 0, "active": 0, "bytes_held": 0}:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)

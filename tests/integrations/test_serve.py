@@ -11,9 +11,7 @@ from the solo ones by reordering (~1e-6), far below one 8-bit PNG level (PSNR of
 import base64
 import concurrent.futures
 import io
-import json
 import signal
-import socket
 import threading
 import time
 
@@ -27,7 +25,7 @@ pytest.importorskip("prometheus_client")
 from PIL import Image  # noqa: E402
 
 from cachedit.integrations.demo import psnr  # noqa: E402
-from tests.integrations.server_process import serve  # noqa: E402
+from tests.integrations.server_process import abandon_request, metric, serve  # noqa: E402
 
 MAX_QUEUE = 24
 pytestmark = pytest.mark.timeout(600)
@@ -151,33 +149,13 @@ def test_bad_input_gets_a_4xx_naming_the_field(server, body, status, field):
 
 def test_a_killed_client_leaves_no_state(server):
     url, _ = server
-    port = int(url.rsplit(":", 1)[1])
     before = httpx.get(f"{url}/metrics").text
-    body = json.dumps({"prompt": "a large red circle", "num_inference_steps": 200, "seed": 3}).encode()
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                 + f"content-length: {len(body)}\r\n\r\n".encode() + body)
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/health").json()["active"] == 0:  # it runs, holding residuals
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.5)
-    sock.close()  # the client dies mid-request
-    deadline = time.monotonic() + 60
-    while True:
-        state = httpx.get(f"{url}/health").json()
-        if state["active"] == 0 and state["queued"] == 0 and state["bytes_held"] == 0:
-            break
-        assert time.monotonic() < deadline, state
-        time.sleep(0.1)
+    # returns once nothing is queued, running or held (its residuals freed)
+    abandon_request(url, {"prompt": "a large red circle", "num_inference_steps": 200, "seed": 3}, running_for=0.5)
     after = httpx.get(f"{url}/metrics").text
-
-    def count(text, status):
-        line = next((x for x in text.splitlines() if x.startswith(f'cachedit_requests_total{{status="{status}"}}')), None)
-        return float(line.split()[-1]) if line else 0.0
-
-    assert count(after, "cancelled") == count(before, "cancelled") + 1  # dropped, not finished
-    assert count(after, "ok") == count(before, "ok")
+    cancelled, ok = 'cachedit_requests_total{status="cancelled"}', 'cachedit_requests_total{status="ok"}'
+    assert metric(after, cancelled) == metric(before, cancelled) + 1  # dropped, not finished
+    assert metric(after, ok) == metric(before, ok)
 
 
 def test_a_full_queue_answers_429_with_retry_after(server):

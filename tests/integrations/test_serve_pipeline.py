@@ -21,7 +21,6 @@ import concurrent.futures
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from PIL import Image  # noqa: E402
 
 import cachedit  # noqa: E402
 from cachedit.integrations.demo import psnr  # noqa: E402
-from tests.integrations.server_process import ROOT, serve  # noqa: E402
+from tests.integrations.server_process import ROOT, abandon_request, metric, serve  # noqa: E402
 from tests.flux_pipeline import save_tiny_flux_pipeline  # noqa: E402
 
 OPTIONS = {"inner": "eager", "Fn": 1, "Bn": 0, "warmup_steps": 2, "threshold": 0.3}  # the server's flags below
@@ -85,12 +84,6 @@ def _image(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=np.float64) / 255.0
 
 
-def _metric(text: str, name: str) -> float:
-    """The value of the sample ``name`` (with its labels) in Prometheus text; 0 when absent."""
-    line = next((x for x in text.splitlines() if x.split(" ")[0] == name), None)
-    return float(line.split()[-1]) if line else 0.0
-
-
 BODIES = [
     {"prompt": "a red circle", "seed": 1, "num_inference_steps": 12, "cachedit": {}},
     {"prompt": "a small blue square", "seed": 2, "num_inference_steps": 10, "guidance_scale": 2.0, "cachedit": {"threshold": 0.5}},
@@ -109,8 +102,8 @@ def test_a_diffusers_pipeline_directory_serves_what_the_pipeline_makes_alone(ser
     with concurrent.futures.ThreadPoolExecutor(len(BODIES)) as pool:
         served = list(pool.map(lambda b: _post(url, b), BODIES))
     after = httpx.get(f"{url}/metrics").text
-    calls = {le: _metric(after, f'cachedit_batch_generations_bucket{{le="{le}"}}')
-             - _metric(before, f'cachedit_batch_generations_bucket{{le="{le}"}}') for le in ("1.0", "+Inf")}
+    calls = {le: metric(after, f'cachedit_batch_generations_bucket{{le="{le}"}}')
+             - metric(before, f'cachedit_batch_generations_bucket{{le="{le}"}}') for le in ("1.0", "+Inf")}
     assert calls["+Inf"] > calls["1.0"], "no transformer call carried two generations: nothing was merged"
     from diffusers import DiffusionPipeline
 
@@ -150,32 +143,19 @@ def test_a_generation_raising_inside_the_pipeline_fails_alone_with_a_500(server)
     assert error["type"] == "server_error" and "SizeFaultVAE" in error["message"], error
     assert httpx.get(f"{url}/health").json() == {"status": "ok", "queued": 0, "active": 0, "bytes_held": 0}
     after = httpx.get(f"{url}/metrics").text
-    assert _metric(after, 'cachedit_requests_total{status="error"}') == _metric(before, 'cachedit_requests_total{status="error"}') + 1
-    assert _metric(after, 'cachedit_requests_total{status="ok"}') == _metric(before, 'cachedit_requests_total{status="ok"}') + 2
+    assert metric(after, 'cachedit_requests_total{status="error"}') == metric(before, 'cachedit_requests_total{status="error"}') + 1
+    assert metric(after, 'cachedit_requests_total{status="ok"}') == metric(before, 'cachedit_requests_total{status="ok"}') + 2
 
 
 def test_a_killed_client_cancels_its_generation_at_the_next_step(server):
     """The pipeline's ``callback_on_step_end`` stops the generation: far fewer than its 200 steps run."""
     url, _ = server
-    port = int(url.rsplit(":", 1)[1])
     before = httpx.get(f"{url}/metrics").text
-    body = json.dumps({"prompt": "a red circle", "num_inference_steps": 200, "seed": 3}).encode()
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                 + f"content-length: {len(body)}\r\n\r\n".encode() + body)
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/health").json()["active"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    sock.close()  # the client dies mid-request
-    deadline = time.monotonic() + 60
-    while (state := httpx.get(f"{url}/health").json()) != {"status": "ok", "queued": 0, "active": 0, "bytes_held": 0}:
-        assert time.monotonic() < deadline, state
-        time.sleep(0.05)
+    abandon_request(url, {"prompt": "a red circle", "num_inference_steps": 200, "seed": 3})  # returns once nothing is held
     after = httpx.get(f"{url}/metrics").text
     cancelled = 'cachedit_requests_total{status="cancelled"}'
-    assert _metric(after, cancelled) == _metric(before, cancelled) + 1
-    steps = _metric(after, "cachedit_batch_generations_count") - _metric(before, "cachedit_batch_generations_count")
+    assert metric(after, cancelled) == metric(before, cancelled) + 1
+    steps = metric(after, "cachedit_batch_generations_count") - metric(before, "cachedit_batch_generations_count")
     assert 0 < steps < 150, steps  # stopped at a step boundary, long before its end
 
 
@@ -245,8 +225,8 @@ def test_a_pixart_pipeline_with_batched_guidance_and_the_old_callback_is_served_
         with engine.cond:  # queued together: their calls merge, two CFG rows per generation
             jobs = [engine.submit(p) for p in cases]
         served = [j.future.result(timeout=300) for j in jobs]
-        assert _metric(engine.metrics.text().decode(), "cachedit_batch_rows_bucket{le=\"4.0\"}") < \
-            _metric(engine.metrics.text().decode(), "cachedit_batch_rows_count"), "no call carried 6 rows"
+        assert metric(engine.metrics.text().decode(), "cachedit_batch_rows_bucket{le=\"4.0\"}") < \
+            metric(engine.metrics.text().decode(), "cachedit_batch_rows_count"), "no call carried 6 rows"
         steps = []
         cancelled = engine.submit(
             Params("a blue square", height=SIZE, width=SIZE, steps=200, guidance=4.5, seed=2),
