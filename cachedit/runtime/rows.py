@@ -32,8 +32,12 @@ The reuse node (``reuse``), with C the rows that compute:
     (``torch._dynamo.mark_dynamic(x, 0)`` on the batched inputs, or an automatic dynamic recompile),
     the primary stream is ``[s, ...]``, and every middle input whose first size is ``s`` is indexed,
     every integer input equal to ``s`` is replaced by ``len(C)``; everything else (rotary tables,
-    parameters) passes as is. So one compiled middle serves every mix, with no recompilation. The
-    outputs are scattered back into a full batch; cached rows get ``input + cached residual``;
+    parameters) passes as is. An input whose first size is a symbol of its own that no batched input
+    explains (PixArt's attention mask: Dynamo ties it to ``s`` only through a view's runtime check) is
+    indexed too when at run time that size is the batch size, and integers that are expressions of that
+    symbol (the attention's ``2 * s'`` repeat size) are evaluated at ``len(C)``; when it is not the batch
+    size, the middle runs on every row. So one compiled middle serves every mix, with no recompilation.
+    The outputs are scattered back into a full batch; cached rows get ``input + cached residual``;
   - no row computes: every row is ``input + cached residual``.
 A graph traced with a static batch size (its middle bakes ``B`` into reshapes) cannot run a sub-batch:
 there the middle runs on all rows and the cached rows' outputs are replaced by their cached ones (the
@@ -259,6 +263,12 @@ class _MiddleRows:
     indexed: tuple[int, ...] = ()  # input positions indexed along dim 0
     sizes: tuple[int, ...] = ()  # integer input positions that are the batch size
     why: str = ""
+    # inputs whose first size is a symbol the trace kept apart from the batch ("stray"): indexed when at run
+    # time that size is the batch size, else the middle runs on every row; integer inputs that are
+    # expressions of those symbols (2 * s for batch x heads) are evaluated with them set to the sub-batch
+    maybe_indexed: tuple[int, ...] = ()
+    maybe_sizes: tuple[tuple[int, Any], ...] = ()  # (input position, sympy expression of stray symbols)
+    stray: frozenset = frozenset()
 
 
 def _analyse(middle, n_carried: int) -> _MiddleRows:
@@ -294,23 +304,37 @@ def _analyse(middle, n_carried: int) -> _MiddleRows:
     if not set(range(n_carried)) <= set(indexed):
         return _MiddleRows(False, why="a stream entering the middle has no batch dimension first")
     # A first size that is a symbol of its own (not the batch, nor a size of the batched inputs) may be a
-    # batch size the trace never tied to the primary's: an attention mask marked dynamic apart, whose
-    # only link to the batch is a view's runtime check (PixArt). Indexing it is not known to be right,
-    # leaving it whole is known to be wrong; so the middle runs on every row.
+    # batch size the trace never tied to the primary's: an attention mask marked dynamic apart, whose only
+    # link to the batch is a view's runtime check (PixArt). Left whole it breaks that view; so such inputs
+    # are indexed when, at run time, their first size is the batch size, and the middle runs on every row
+    # when it is not (``reuse``). A tensor whose first size is an expression of such a symbol declines.
     known = {symbol}
     for i in indexed:
         known |= {e for s in values[i].shape[1:] if isinstance(s, torch.SymInt) for e in s.node.expr.free_symbols}
+    maybe_indexed, stray = [], set()
     for i, value in enumerate(values):
         if i in indexed or not isinstance(value, torch.Tensor) or not value.dim() or not isinstance(value.shape[0], torch.SymInt):
             continue
-        stray = value.shape[0].node.expr.free_symbols - known
-        if stray:
+        first = value.shape[0].node.expr
+        if not first.free_symbols - known:
+            continue
+        if not first.is_Symbol:
             return _MiddleRows(
                 False,
-                why=f"middle input {i} {tuple(value.shape)} starts with a size ({', '.join(map(str, stray))}) the trace did "
-                "not tie to the batch size, which may be another batch dimension",
+                why=f"middle input {i} {tuple(value.shape)} starts with a size ({first}) the trace did not tie to the "
+                "batch size, which may be another batch dimension",
             )
-    return _MiddleRows(True, tuple(indexed), tuple(sizes))
+        maybe_indexed.append(i)
+        stray.add(first)
+    maybe_sizes = [
+        (i, value.node.expr)
+        for i, value in enumerate(values)
+        if isinstance(value, torch.SymInt) and value.node.expr.free_symbols and value.node.expr.free_symbols <= stray
+    ]
+    return _MiddleRows(
+        True, tuple(indexed), tuple(sizes), maybe_indexed=tuple(maybe_indexed), maybe_sizes=tuple(maybe_sizes),
+        stray=frozenset(stray),
+    )
 
 
 def _middle_rows(middle, n_carried: int) -> _MiddleRows:
@@ -355,15 +379,20 @@ def reuse(cache, gated: Gated, middle, part: int, segment, inputs) -> tuple[torc
         computed, sub = middle(*inputs), None
     elif computing:
         plan = _middle_rows(middle, n_carried)
-        if plan.ok:
+        full = {s: gated.rows for s in plan.stray}
+        if plan.ok and all(inputs[i].shape[0] == gated.rows for i in plan.maybe_indexed) and all(
+            inputs[i] == int(expr.subs(full)) for i, expr in plan.maybe_sizes
+        ):
             rows = [r for g in computing for r in range(g.group.start, g.group.stop)]
             device = inputs[0].device
             index = torch.tensor(rows if len(rows) > 1 else rows * 2, device=device)  # >= 2: a size-1 batch may be specialised
             args = list(inputs)
-            for i in plan.indexed:
+            for i in (*plan.indexed, *plan.maybe_indexed):
                 args[i] = inputs[i].index_select(0, index)
             for i in plan.sizes:
                 args[i] = len(index)
+            for i, expr in plan.maybe_sizes:
+                args[i] = int(expr.subs({s: len(index) for s in plan.stray}))
             computed, sub = middle(*args), rows
         else:
             computed, sub = middle(*inputs), None

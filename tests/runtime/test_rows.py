@@ -173,11 +173,12 @@ def _middle_plan(model):
     return graph.module().middle._cachedit_rows
 
 
-def test_a_mask_whose_batch_size_the_trace_keeps_apart_runs_every_row_and_stays_right():
+def test_a_mask_whose_batch_size_the_trace_keeps_apart_is_indexed_with_the_rows(caplog):
     """PixArt's attention mask meets the batch only in a view inside the attention, so Dynamo traces its
-    batch as a symbol of its own. The middle cannot tell it is a batch: it must run on every row (it used
-    to run on the computing rows with the whole mask and crash). Each request still gets its own result:
-    the batched call's rows equal each request's rows run alone (1e-5: float32 reordering)."""
+    batch as a symbol of its own (and the attention's repeat size as 2 x that symbol). The middle on the
+    computing rows must index the mask and rescale that size too (it used to pass them whole and crash).
+    Each request gets its own result: the batched call's rows equal each request's rows run alone (1e-5:
+    float32 reordering), and no call fell back to running every row."""
     from tests.models import _pixart_inputs
 
     spec = get("pixart")
@@ -201,8 +202,10 @@ def test_a_mask_whose_batch_size_the_trace_keeps_apart_runs_every_row_and_stays_
                 outs.append(model(**x, timestep=t, added_cond_kwargs=inputs[0][0]["added_cond_kwargs"], return_dict=False)[0])
         return torch.stack(outs), [h.stats.branch_list[0].cached_steps for h in handles]
 
-    together, cached = run([0, 1, 2])
+    with caplog.at_level("WARNING", logger="cachedit"):
+        together, cached = run([0, 1, 2])
     assert cached == [[], [1, 2, 3], []], cached
+    assert not [r for r in caplog.records if "every row" in r.getMessage()], caplog.text
     for i in range(3):
         alone, alone_cached = run([i])
         assert alone_cached == [cached[i]]
