@@ -7,13 +7,14 @@
     cachedit.stats(transformer); print(cachedit.explain(transformer))
 """
 
-from cachedit.api import RequestHandle, RowsError, enable, explain, open_request, request, rows, stats, steps_mask
+from cachedit.api import RequestHandle, RowsError, RowsUnsupported, enable, explain, open_request, request, rows, stats, steps_mask
 from cachedit.config import CacheditConfig
 
 __all__ = [
     "CacheditConfig",
     "RequestHandle",
     "RowsError",
+    "RowsUnsupported",
     "enable",
     "explain",
     "open_request",

@@ -13,7 +13,7 @@ import torch
 from cachedit.config import CacheditConfig, request_settings
 from cachedit.runtime import masks, policy, registry
 from cachedit.runtime import rows as _rows
-from cachedit.runtime.rows import RequestHandle, RowsError
+from cachedit.runtime.rows import RequestHandle, RowsError, RowsUnsupported
 from cachedit.runtime.step_cache import RequestStats, RequestToken
 from cachedit.runtime.step_cache import open_request as _open_token
 
@@ -92,7 +92,9 @@ def rows(model: Any, groups: Sequence[tuple[RequestHandle, int]]) -> Iterator[_r
     dynamic batch size (``torch._dynamo.mark_dynamic(x, 0)`` on the batched inputs); with a static
     one every row runs the middle and cached rows take their cached result.
     A group's request whose settings cannot be planned raises ``cachedit.RowsError`` naming it,
-    before any request moved a step.
+    before any request moved a step. A model on the per-block path (Dynamo compiled its blocks one graph
+    each) runs one request per call: several groups raise ``cachedit.RowsUnsupported`` before the call
+    does anything, and one group runs as that request.
     """
     checked, seen = [], set()
     for i, group in enumerate(groups):

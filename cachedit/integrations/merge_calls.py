@@ -29,7 +29,10 @@ each its own ``pipe(...)`` call in its own thread, and batches their transformer
     pipeline that makes two calls per step (true CFG) makes them in two rounds; ``cachedit.rows`` counts
     the second as the same step (the latent did not move), as a request alone does.
   - Errors: an error before the gate (``rows`` saw no decision) reruns each call of the group alone, so
-    only the one that raises fails; an error after it fails the group's calls (their states moved).
+    only the one that raises fails; an error after it fails the group's calls (their states moved). A
+    model on the per-block path (Dynamo compiled its blocks one graph each) runs one request per call:
+    its first merged call raises ``RowsUnsupported`` before any decision, and from then on every call
+    runs alone (the generations still run concurrently, their calls one after another).
 
 Batch sizes vary with the mix: the concatenated tensors are marked dynamic along the batch, so the
 model compiles once for every mix (a one-row call compiles its own static graph).
@@ -48,6 +51,7 @@ from typing import Any
 import torch
 
 import cachedit
+from cachedit.runtime.rows import RowsUnsupported
 
 log = logging.getLogger("cachedit.serve")
 
@@ -75,6 +79,7 @@ class CallMerger:
         self.joined: set[Any] = set()
         self.pending: list[_Call] = []
         self.running = False
+        self.alone = False  # the model's path runs one request per call: every call of a round runs alone
 
     # -- a generation's thread --------------------------------------------------------------------------
 
@@ -109,7 +114,7 @@ class CallMerger:
                     return
                 calls, self.pending, self.running = self.pending, [], True
             try:
-                for group in _groups(calls):
+                for group in [[c] for c in calls] if self.alone else _groups(calls):
                     self._run(group)
             finally:
                 with self.cond:
@@ -120,6 +125,9 @@ class CallMerger:
         try:
             outs = self._merged(group)
         except Exception as err:
+            if isinstance(err, RowsUnsupported) and not self.alone:
+                self.alone = True
+                log.warning(f"cachedit serve: calls are not merged: {err}")
             if getattr(err, "cachedit_gated", 1) == 0 and len(group) > 1:
                 for call in group:  # nothing was decided: alone, only the call that raises fails
                     self._run([call])
@@ -146,7 +154,7 @@ class CallMerger:
                 continue
             cat = torch.cat(parts) if len(group) > 1 else value
             if total > 1:
-                torch._dynamo.mark_dynamic(cat, 0)
+                torch._dynamo.maybe_mark_dynamic(cat, 0)
             merged.arguments[name] = cat
         if self.on_call is not None:
             self.on_call([c.rows for c in group])
@@ -214,6 +222,9 @@ def _split(out: Any, rows: list[int], total: int) -> list[Any]:
     """Cut a merged output back into one output per call (tensors of ``total`` rows are split)."""
     if isinstance(out, torch.Tensor):
         return list(out.split(rows)) if out.dim() > 0 and out.shape[0] == total else [out] * len(rows)
+    if isinstance(out, list) and len(out) == total:  # one item per row (ZImage's per-sample outputs)
+        bounds = [sum(rows[:i]) for i in range(len(rows) + 1)]
+        return [out[a:b] for a, b in zip(bounds, bounds[1:])]
     if isinstance(out, (tuple, list)):
         parts = [_split(o, rows, total) for o in out]
         return [type(out)(p[i] for p in parts) for i in range(len(rows))]

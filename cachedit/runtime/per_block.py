@@ -80,6 +80,7 @@ from typing import Any
 
 import torch
 
+from cachedit.runtime import rows
 from cachedit.runtime.step_cache import _ACTIVE, StepCache, _execution_context, timestep_local
 
 log = logging.getLogger("cachedit")
@@ -214,6 +215,7 @@ class ModelBlocks:
         kind = runner.kind
         if kind == INNER:
             return runner.compiled(*args)
+        rows.one_request_only(self.owner())
         context = _execution_context()
         if self.chain is None:
             return self._learn(runner, key, args, context)
@@ -252,7 +254,7 @@ class ModelBlocks:
             outs = runner.compiled(*args)
             if pos == fn - 1:
                 residual = outs[runner.primary_out(names)] - fwd.h0
-                fwd.gated = runner.cache.gate(residual, fwd.timestep, self.owner(), None, None)
+                fwd.gated = _gate(runner.cache, residual, fwd.timestep, self.owner())
             return outs
         if pos >= n - bn or fwd.gated is None:
             if pos == n - 1:
@@ -352,7 +354,7 @@ class ModelBlocks:
             return  # the request that made the first forward is over: nothing of it to record
         runner, fn_names = best.fn_runner
         primary = fn_names[runner.primary_out(fn_names)]
-        gated = runner.cache.gate(best.fn_out[primary] - best.h0, fwd.timestep, self.owner(), None, None)
+        gated = _gate(runner.cache, best.fn_out[primary] - best.h0, fwd.timestep, self.owner())
         if gated[0].cache:  # step 0 of a request always computes; a later step was never seen here
             return
         names = list(last_named)
@@ -361,6 +363,14 @@ class ModelBlocks:
         last_runner.cache.reuse(
             gated, lambda *inputs: (*outs, *(o - x for o, x in zip(outs, inputs))), 0, _segment(len(names)), entering
         )
+
+
+def _gate(cache, residual, timestep, param) -> tuple:
+    """``cache.gate`` for this path, which runs one request per call, also under ``cachedit.rows``."""
+    tagged = rows.active(param)
+    if tagged is not None:
+        return rows.gate_one_request(cache, tagged, residual, timestep, param)
+    return cache.gate(residual, timestep, param, None, None)
 
 
 @dataclasses.dataclass(frozen=True)

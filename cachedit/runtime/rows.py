@@ -136,12 +136,43 @@ def tag_rows(owner: frozenset[int], groups: Sequence[tuple[RequestHandle, int]])
     for handle, n in groups:
         spans.append(_Group(handle, start, start + n))
         start += n
+    from cachedit.runtime import step_cache as sc
+
     batch = Batch(owner, tuple(spans), start)
     reset = ACTIVE.set(batch)
+    # one group is one request: a path that runs one request per call finds it as cachedit.request's
+    alone = sc._ACTIVE.set(spans[0].handle.token) if len(spans) == 1 else None
     try:
         yield batch
     finally:
+        if alone is not None:
+            sc._ACTIVE.reset(alone)
         ACTIVE.reset(reset)
+
+
+class RowsUnsupported(RuntimeError):
+    """The model's path cannot run several requests' rows in one call (raised before any decision)."""
+
+
+def one_request_only(param: torch.Tensor | None) -> None:
+    """For a path that runs one request per call (the per-block path): raise ``RowsUnsupported`` when rows
+    of several requests are tagged for the model owning ``param``, before the call does anything."""
+    batch = active(param) if param is not None else None
+    if batch is not None and len(batch.groups) > 1:
+        raise RowsUnsupported(
+            f"this model runs through the per-block path (Dynamo compiled its blocks one graph each), which runs "
+            f"one request per call; cachedit.rows tagged {len(batch.groups)} groups: call once per request"
+        )
+
+
+def gate_one_request(cache, batch: Batch, residual, timestep, param) -> tuple:
+    """The gate of the per-block path under ``cachedit.rows``: a batch of one group is that group's request
+    (``tag_rows`` made it the active one; ``one_request_only`` refused several before the call began)."""
+    assert len(batch.groups) == 1, "one_request_only runs at the first block"
+    batch.gated += 1
+    gated = cache.gate_alone(residual, timestep, param)
+    batch.groups[0].handle.stats = gated[2].stats
+    return gated
 
 
 def active(param: torch.Tensor) -> Batch | None:

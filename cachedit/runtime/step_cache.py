@@ -509,6 +509,10 @@ class StepCache:
             _PLACED.set((self, *gated[:4]))  # not the cached residuals: the context outlives the request
         return gated
 
+    def gate_alone(self, residual, timestep, param) -> tuple:
+        """``gate`` for a call of one request whatever the row tagging (the per-block path's)."""
+        return self._gate(residual, timestep, param, None, None)
+
     def _gate(self, residual, timestep, param, latent, conditioning) -> tuple:
         if timestep is None and self.timestep_from_caller:
             timestep = self._caller_timestep(param)
