@@ -22,20 +22,23 @@ each its own ``pipe(...)`` call in its own thread, and batches their transformer
     call's row count in every call (the row count is the first size of the first tensor argument, the
     latent) is concatenated along that dimension, and so is a list of one item per row; any other
     argument must be equal in every call and is passed once (rotary ids, ``return_dict``, attention
-    kwargs). Calls that differ anywhere else (another
-    image size, another text length) go to separate groups. The outputs are cut back by rows: every
-    output tensor whose first size is the merged row count is split, any other is handed to each.
+    kwargs). Calls that differ anywhere else (another image size, another text length) go to separate
+    groups. The outputs are cut back by rows: every output tensor (or list) whose first size is the
+    merged row count is split, any other is handed to each.
   - A generation's CFG rows stay together: they are one call's rows, in the pipeline's own order. A
-    pipeline that makes two calls per step (true CFG) makes them in two rounds; ``cachedit.rows`` counts
-    the second as the same step (the latent did not move), as a request alone does.
+    pipeline that makes two calls per step (CogView4's cond and uncond) makes them in two rounds, and
+    ``cachedit.rows`` takes the second as a further call of the same step (the latent did not move), as
+    a request alone does (tests cover batched CFG, not this case).
   - Errors: an error before the gate (``rows`` saw no decision) reruns each call of the group alone, so
     only the one that raises fails; an error after it fails the group's calls (their states moved). A
     model on the per-block path (Dynamo compiled its blocks one graph each) runs one request per call:
     its first merged call raises ``RowsUnsupported`` before any decision, and from then on every call
     runs alone (the generations still run concurrently, their calls one after another).
 
-Batch sizes vary with the mix: the concatenated tensors are marked dynamic along the batch, so the
-model compiles once for every mix (a one-row call compiles its own static graph).
+Batch sizes vary with the mix: the concatenated tensors are marked dynamic along the batch
+(``maybe_mark_dynamic``), so the model compiles once for every mix (a one-row call compiles its own
+static graph); a model whose code specialises the batch size (Chroma, Lumina2, ZImage) recompiles per
+size instead, and there mixed calls run the middle on every row.
 """
 
 from __future__ import annotations
