@@ -282,7 +282,7 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=8, dest="max_batch",
-                        help="generations per transformer call (1: no batching; the embedded model only)")
+                        help="generations per transformer call (1: no batching, one generation after another)")
     parser.add_argument("--max-queue", type=int, default=64, dest="max_queue", help="waiting generations before 429")
     parser.add_argument("--max-size", type=int, default=None, dest="max_size",
                         help="largest image side (default: twice the model's default size, at least 128)")
