@@ -11,7 +11,10 @@ from the solo ones by reordering (~1e-6), far below one 8-bit PNG level (PSNR of
 import base64
 import concurrent.futures
 import io
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -25,7 +28,7 @@ pytest.importorskip("prometheus_client")
 from PIL import Image  # noqa: E402
 
 from cachedit.integrations.demo import psnr  # noqa: E402
-from tests.integrations.server_process import abandon_request, metric, serve  # noqa: E402
+from tests.integrations.server_process import ROOT, abandon_request, metric, serve  # noqa: E402
 
 MAX_QUEUE = 24
 pytestmark = pytest.mark.timeout(600)
@@ -191,3 +194,16 @@ def test_sigterm_drains_in_flight_requests_then_exits(server):
     # uvicorn re-raises the signal after its graceful shutdown, so the status says "ended by SIGTERM"
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     assert "drained, stopped" in proc.stdout.read()
+
+
+def test_generate_writes_an_image_of_the_embedded_model(tmp_path):
+    out = tmp_path / "square.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "cachedit", "generate", "a small blue square at the top left", "--out", str(out),
+         "--steps", "8", "--inner", "eager", "--setting", "threshold=0.3"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Image.open(out).size == (32, 32)  # the embedded model's default size
+    assert "cached steps [" in done.stdout and "cached steps []" not in done.stdout, done.stdout
