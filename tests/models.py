@@ -456,17 +456,12 @@ def _flux3_inputs(g, batch):
 def _video5(g, batch, c=4):
     return {"hidden_states": _randn(g, batch, c, 2, 8, 8), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM)}
 
+def _video5_masked(g, batch):
+    return {**_video5(g, batch), "encoder_attention_mask": torch.ones(batch, TEXT_TOKENS)}
+
 def _vace_inputs(g, batch):
     d = _wan_inputs(g, batch)
     d["control_hidden_states"] = _randn(g, batch, 8, 2, 8, 8)
-    return d
-
-def _cogview3_inputs(g, batch):
-    d = _cogview4_inputs(g, batch)
-    return d
-
-def _cosmos_inputs(g, batch):
-    d = _video5(g, batch)
     return d
 
 def _img4(g, batch, c=4):
@@ -485,24 +480,9 @@ def _hyv15_inputs(g, batch):
     d["image_embeds"] = _randn(g, batch, 4, 16)
     return d
 
-def _prx_inputs(g, batch):
-    return _img4(g, batch)
-
 def _ernie_inputs(g, batch):
     return {"hidden_states": _randn(g, batch, 4, 8, 8), "text_bth": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
             "text_lens": torch.full((batch,), TEXT_TOKENS, dtype=torch.long)}
-
-def _nucleus_inputs(g, batch):
-    return _qwenimage_inputs(g, batch)
-
-def _sanavideo_inputs(g, batch):
-    d = _video5(g, batch)
-    d["encoder_attention_mask"] = torch.ones(batch, TEXT_TOKENS)
-    return d
-
-def _latte_inputs(g, batch):
-    d = _video5(g, batch)
-    return d
 
 def _t2d_inputs(g, batch):
     return {"hidden_states": _randn(g, batch, 4, 8, 8), "encoder_hidden_states": _randn(g, batch, TEXT_TOKENS, TEXT_DIM),
@@ -513,20 +493,6 @@ def _dreamlite_inputs(g, batch):
 
 def _music_inputs(g, batch):
     return {"hidden_states": _randn(g, batch, 8, 16), "encoder_hidden_states": _randn(g, batch, 16, 4)}
-
-def _joy_inputs(g, batch):
-    return _video5(g, batch)
-
-def _easyanimate_inputs(g, batch):
-    return _video5(g, batch)
-
-def _consisid_inputs(g, batch):
-    return _cogvideox_inputs(g, batch)
-
-def _motif_inputs(g, batch):
-    d = _video5(g, batch)
-    d["encoder_attention_mask"] = torch.ones(batch, TEXT_TOKENS)
-    return d
 
 
 def _qwen21_inputs(g, batch):
@@ -786,13 +752,13 @@ _ROWS = [
     ModelSpec("wanvace", "WanVACETransformer3DModel", dict(_WAN, vace_layers=[0, 2], vace_in_channels=8), _vace_inputs, Schedule.T1000_DESC, ("blocks",), 32, 7, side_lists=("vace_blocks",)),
     ModelSpec("helios", "HeliosTransformer3DModel", dict({k: v for k, v in _WAN.items() if k != "rope_max_seq_len"}, rope_dim=(4, 6, 6)), _wan_inputs, Schedule.T1000_DESC, ("blocks",), 32, 7),
     ModelSpec("cogview3plus", "CogView3PlusTransformer2DModel", dict(patch_size=2, in_channels=4, out_channels=4, num_layers=3, **_H, text_embed_dim=TEXT_DIM, time_embed_dim=HIDDEN, condition_dim=16, pos_embed_max_size=16, sample_size=8),
-        _cogview3_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 16, 7),
+        _cogview4_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 16, 7),
     ModelSpec("consisid", "ConsisIDTransformer3DModel", dict(**_H, in_channels=4, out_channels=4, time_embed_dim=HIDDEN, text_embed_dim=TEXT_DIM, num_layers=3, sample_width=8, sample_height=8, sample_frames=5, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_TOKENS),
-        _consisid_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 7),
+        _cogvideox_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 7),
     ModelSpec("cosmos", "CosmosTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, text_embed_dim=TEXT_DIM, adaln_lora_dim=16, max_size=(4, 16, 16), patch_size=(1, 2, 2), encoder_hidden_states_channels=TEXT_DIM, crossattn_proj_in_channels=TEXT_DIM, concat_padding_mask=False),
-        _cosmos_inputs, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7),
+        _video5, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7),
     ModelSpec("easyanimate", "EasyAnimateTransformer3DModel", dict(**_H, in_channels=4, out_channels=4, patch_size=2, sample_width=8, sample_height=8, num_layers=3, mmdit_layers=3, time_embed_dim=HIDDEN, text_embed_dim=TEXT_DIM),
-        _easyanimate_inputs, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7),
+        _video5, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7),
     ModelSpec("hunyuanimage", "HunyuanImageTransformer2DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_single_layers=3, num_refiner_layers=2, patch_size=(2, 2), text_embed_dim=TEXT_DIM, rope_axes_dim=(8, 8)),
         _hyimage_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 16, 7, side_lists=("context_embedder.token_refiner.refiner_blocks",)),
     ModelSpec("hunyuanvideo15", "HunyuanVideo15Transformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_refiner_layers=2, patch_size=2, text_embed_dim=TEXT_DIM, text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=_FLUX_ROPE),
@@ -800,15 +766,15 @@ _ROWS = [
         single_graph=False, graph_break="data-dependent `if is_t2v:` (torch.all(image_embeds == 0)): Dynamo skips the top frame, each block is a graph",
         per_block=True),
     ModelSpec("prx", "PRXTransformer2DModel", dict(in_channels=4, patch_size=2, context_in_dim=TEXT_DIM, hidden_size=HIDDEN, num_heads=HEADS, depth=3, axes_dim=[8, 8]),
-        _prx_inputs, Schedule.T1000_DESC, ("blocks",), 16, 7),
+        _img4, Schedule.T1000_DESC, ("blocks",), 16, 7),
     ModelSpec("ernieimage", "ErnieImageTransformer2DModel", dict(hidden_size=HIDDEN, num_attention_heads=HEADS, num_layers=3, ffn_hidden_size=64, in_channels=4, out_channels=4, patch_size=2, text_in_dim=TEXT_DIM, rope_axes_dim=(4, 6, 6)),
         _ernie_inputs, Schedule.T1000_DESC, ("layers",), 16, 7),
     ModelSpec("nucleusmoe", "NucleusMoEImageTransformer2DModel", dict(patch_size=2, in_channels=16, out_channels=4, num_layers=3, **_H, joint_attention_dim=TEXT_DIM, axes_dims_rope=_FLUX_ROPE, moe_enabled=False),
-        _nucleus_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7),
+        _qwenimage_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7),
     ModelSpec("sanavideo", "SanaVideoTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_cross_attention_heads=HEADS, cross_attention_head_dim=HEAD_DIM, cross_attention_dim=HIDDEN, caption_channels=TEXT_DIM, sample_size=8, rope_max_seq_len=32),
-        _sanavideo_inputs, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7),
+        _video5_masked, Schedule.T1000_DESC, ("transformer_blocks",), 32, 7),
     ModelSpec("latte", "LatteTransformer3DModel", dict(**_H, in_channels=4, out_channels=8, num_layers=3, cross_attention_dim=HIDDEN, sample_size=8, patch_size=2, caption_channels=TEXT_DIM, video_length=2, norm_type="ada_norm_single", num_embeds_ada_norm=1000),
-        _latte_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 7, learned_sigma=True, side_lists=("temporal_transformer_blocks",)),
+        _video5, Schedule.DDPM_DESC, ("transformer_blocks",), 32, 7, learned_sigma=True, side_lists=("temporal_transformer_blocks",)),
     ModelSpec("transformer2d", "Transformer2DModel", dict(**_H, in_channels=4, out_channels=8, num_layers=3, cross_attention_dim=HIDDEN, sample_size=8, patch_size=2, caption_channels=TEXT_DIM, norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False),
         _t2d_inputs, Schedule.DDPM_DESC, ("transformer_blocks",), 16, 7, learned_sigma=True),
     ModelSpec("dreamlite", "DreamLiteTransformer2DModel", dict(**_H, in_channels=4, out_channels=4, num_layers=3, cross_attention_dim=TEXT_DIM, norm_num_groups=4),
@@ -816,9 +782,9 @@ _ROWS = [
     ModelSpec("minimaxmusic3", "MiniMaxMusic3Transformer1DModel", dict(in_channels=8, condition_dim=4, num_layers=3, **_H, ff_inner_dim=64, rotary_dim=8, fourier_embedding_dim=16),
         _music_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7),
     ModelSpec("joyimageedit", "JoyImageEditTransformer3DModel", dict(in_channels=4, out_channels=4, hidden_size=HIDDEN, num_attention_heads=HEADS, text_dim=TEXT_DIM, num_layers=3, rope_dim_list=[4, 6, 6]),
-        _joy_inputs, Schedule.T1000_DESC, ("double_blocks",), 32, 7),
+        _video5, Schedule.T1000_DESC, ("double_blocks",), 32, 7),
     ModelSpec("motifvideo", "MotifVideoTransformer3DModel", dict(in_channels=4, out_channels=4, **_H, num_layers=3, num_single_layers=3, patch_size=2, text_embed_dim=TEXT_DIM, rope_axes_dim=_FLUX_ROPE),
-        _motif_inputs, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 32, 7),
+        _video5_masked, Schedule.T1000_DESC, ("transformer_blocks", "single_transformer_blocks"), 32, 7),
     ModelSpec("qwenimage21", "QwenImage21Transformer2DModel", dict(patch_size=1, in_channels=16, out_channels=16, num_layers=3, **_H, context_in_dim=TEXT_DIM, axes_dims_rope=_FLUX_ROPE),
         _qwen21_inputs, Schedule.SIGMA_DESC, ("transformer_blocks",), 16, 7, out_tokens=16,
         single_graph=False, graph_break="data-dependent token layout in the prologue (repeat_interleave by img_mask, boolean-mask assignment, int() of a sum): 3 graphs; the piece holding the blocks reads no timestep"),
