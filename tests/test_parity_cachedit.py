@@ -75,14 +75,21 @@ class Run:
     reasons: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)  # cachedit only
 
 
-def run_reference(cache_dit, options: dict[str, Any], steps: int, true_cfg: bool, **reference_only: Any) -> Run:
+def reference_generation(cache_dit, config: Any, steps: int, true_cfg: bool = False) -> tuple[torch.Tensor, list]:
+    """The tiny pipeline under ``cache_dit.enable_cache(cache_config=config)`` (a class of its own: cache-dit
+    patches the class): the final latents and cache-dit's summary entries."""
     pipe = tiny_flux_pipeline(type("FluxPipeline", (FluxPipeline,), {}))
+    cache_dit.enable_cache(pipe, cache_config=config)
+    latents = generate(pipe, steps, true_cfg=true_cfg)
+    return latents, cache_dit.summary(pipe, logging=False)
+
+
+def run_reference(cache_dit, options: dict[str, Any], steps: int, true_cfg: bool, **reference_only: Any) -> Run:
     config = cache_dit.DBCacheConfig(
         enable_separate_cfg=true_cfg, **{_REFERENCE_NAMES[k]: v for k, v in options.items()}, **reference_only
     )
-    cache_dit.enable_cache(pipe, cache_config=config)
-    latents = generate(pipe, steps, true_cfg=true_cfg)
-    (stats,) = cache_dit.summary(pipe, logging=False)[:1]
+    latents, summary = reference_generation(cache_dit, config, steps, true_cfg)
+    stats = summary[0]
     diffs = {int(k): float(v) for k, v in stats.residual_diffs.items()}
     if not true_cfg:
         return Run(latents, {"main": list(stats.cached_steps)}, {"main": diffs})
@@ -100,17 +107,23 @@ def fresh_dynamo() -> None:
     torch._dynamo.reset()
 
 
-def run_cachedit(options: dict[str, Any], steps: int, true_cfg: bool, cfg: str) -> Run:
+def cachedit_generation(steps: int, true_cfg: bool = False, **options: Any) -> tuple[torch.Tensor, Any, Any]:
+    """The tiny pipeline under ``cachedit.enable(inner="eager", **options)`` after ``fresh_dynamo``: the final
+    latents, the record of its one request, and the pipeline."""
     fresh_dynamo()
     pipe = tiny_flux_pipeline()
-    cachedit.enable(pipe, inner="eager", cfg=cfg, **options)
+    cachedit.enable(pipe, inner="eager", **options)
     latents = generate(pipe, steps, true_cfg=true_cfg)
+    records = cachedit.stats(pipe.transformer)
+    assert len(records) == 1, f"one pipe() call must be one request, got {len(records)}"
+    return latents, records[0], pipe
+
+
+def run_cachedit(options: dict[str, Any], steps: int, true_cfg: bool, cfg: str) -> Run:
+    latents, record, pipe = cachedit_generation(steps, true_cfg, cfg=cfg, **options)
     explained = cachedit.explain(pipe.transformer)
     assert explained.count("graph #") == 1, f"expected one Dynamo graph for the whole generation:\n{explained}"
     assert "not step-cached" not in explained, explained
-    records = cachedit.stats(pipe.transformer)
-    assert len(records) == 1, f"one pipe() call must be one request, got {len(records)}"
-    (record,) = records
     assert (record.source, record.num_inference_steps, record.steps) == ("explicit", steps, steps)
     branches = record.branches
     return Run(
@@ -335,11 +348,10 @@ PRUNE_STEPS = 16
 
 
 def run_prune_reference(cache_dit, options: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-    pipe = tiny_flux_pipeline(type("FluxPipeline", (FluxPipeline,), {}))
     names = {**_REFERENCE_NAMES, "prune_threshold": "residual_diff_threshold", "non_prune_blocks": "non_prune_block_ids"}
-    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBPruneConfig(**{names[k]: v for k, v in options.items()}))
-    latents = generate(pipe, PRUNE_STEPS)
-    return latents, cache_dit.summary(pipe, logging=False)[0]
+    config = cache_dit.DBPruneConfig(**{names[k]: v for k, v in options.items()})
+    latents, summary = reference_generation(cache_dit, config, PRUNE_STEPS)
+    return latents, summary[0]
 
 
 @pytest.mark.parametrize(
@@ -358,11 +370,7 @@ def run_prune_reference(cache_dit, options: dict[str, Any]) -> tuple[torch.Tenso
 def test_dbprune_matches_cache_dit(cache_dit, options):
     """Per step, the same pruned-block counts and block diffs as cache-dit 1.5.3's DBPrune, and the same latents."""
     reference_latents, reference = run_prune_reference(cache_dit, options)
-    fresh_dynamo()
-    pipe = tiny_flux_pipeline()
-    cachedit.enable(pipe, inner="eager", cfg="batched", policy="dbprune", **options)
-    latents = generate(pipe, PRUNE_STEPS)
-    (record,) = cachedit.stats(pipe.transformer)
+    latents, record, _ = cachedit_generation(PRUNE_STEPS, cfg="batched", policy="dbprune", **options)
     branch = record.branches["main"]
     counts = [len(branch.pruned_blocks[s]) for s in range(PRUNE_STEPS)]
     assert counts == list(reference.pruned_blocks), (counts, reference.pruned_blocks)
@@ -391,20 +399,15 @@ def test_separate_block_lists_match_cache_dit(cache_dit, monkeypatch):
     monkeypatch.setattr(ENV, "CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS", False)
     options = dict(Fn=1, Bn=0, threshold=0.35, warmup_steps=4)
     steps = 16
-    pipe = tiny_flux_pipeline(type("FluxPipeline", (FluxPipeline,), {}))
-    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(**{_REFERENCE_NAMES[k]: v for k, v in options.items()}))
-    reference_latents = generate(pipe, steps)
+    config = cache_dit.DBCacheConfig(**{_REFERENCE_NAMES[k]: v for k, v in options.items()})
+    reference_latents, summary = reference_generation(cache_dit, config, steps)
     reference = {}
-    for entry in cache_dit.summary(pipe, logging=False):  # one per list (its summary may repeat an entry)
+    for entry in summary:  # one per list (its summary may repeat an entry)
         path = entry.cache_options["name"].rsplit("_", 1)[0]
         reference.setdefault(path, entry)
     assert set(reference) == {"transformer_blocks", "single_transformer_blocks"}
 
-    fresh_dynamo()
-    pipe = tiny_flux_pipeline()
-    cachedit.enable(pipe, inner="eager", cfg="batched", block_lists="separate", **options)
-    latents = generate(pipe, steps)
-    (record,) = cachedit.stats(pipe.transformer)
+    latents, record, _ = cachedit_generation(steps, cfg="batched", block_lists="separate", **options)
     main = record.branches["main"]
     ours = {"transformer_blocks": main, "single_transformer_blocks": main.lists["single_transformer_blocks"]}
     assert ours["transformer_blocks"].cached_steps != ours["single_transformer_blocks"].cached_steps, "lists agree: no test"
