@@ -565,8 +565,6 @@ class PipelineEngine(Engine):
         """This generation thread's own pipeline over the shared models: a pipeline call keeps its state
         on the pipeline and in its scheduler, and fast tokenizers refuse concurrent use, so each thread gets
         its own copies of every component that is not a module (Note [Merged pipeline calls])."""
-        if self.merger is None:
-            return self.pipe
         view = getattr(self.views, "pipe", None)
         if view is None:
             own = {  # every component passed: from_pipe drops custom (remote-code) ones it is not handed
@@ -652,11 +650,11 @@ class PipelineEngine(Engine):
             kwargs["callback"] = lambda index, timestep, latents: step_done(index)
             if "callback_steps" in self.accepted:
                 kwargs["callback_steps"] = 1
-        before = {r.id for r in cachedit.stats(self.model)}
         try:
             if job.cancelled:
                 raise Cancelled("cancelled before it started")
             if self.merger is None:
+                before = {r.id for r in cachedit.stats(self.model)}
                 with cachedit.request(self.model, num_inference_steps=p.steps, **p.settings):
                     images = getattr(self.pipe(**kwargs), "images", None)
                 # one generation at a time: the one explicit record it added is this generation's
