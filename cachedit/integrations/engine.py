@@ -629,8 +629,8 @@ class PipelineEngine(Engine):
             now = time.perf_counter()
             self.step_seconds.append(now - last)
             last = now
-            if self.merger is None:
-                self._observe([p.n])
+            if self.merger is None:  # one generation per call; its row count (CFG) is the pipeline's to know
+                self.metrics.batch_requests.observe(1)
             elif index == p.steps - 1:
                 self.merger.leave(job)  # decoding next: the others' steps need not wait for it
             if job.on_step is not None:
