@@ -232,10 +232,10 @@ def cache_options(args: argparse.Namespace, embedded: bool) -> dict[str, Any]:
 
 def is_embedded(model: str | None) -> bool:
     """Whether ``model`` (None, a directory or a Hub id) is the embedded pipeline."""
-    index = os.path.join(model, "model_index.json") if model else None
-    if index is None:
+    if model is None:
         return True
-    if not os.path.isfile(index):
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):  # another layout, or a Hub id
         return False
     with open(index) as f:
         return json.load(f).get("_class_name") == "EmbeddedDiTPipeline"
